@@ -1,0 +1,79 @@
+"""Compliance-grade archive for Plivo conference recordings."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+from flask import Flask
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from webhook.config import Settings, load
+
+if TYPE_CHECKING:
+    from webhook.archive.storage import Storage
+    from webhook.plivo import PlivoClient
+
+
+@dataclass
+class Services:
+    """What the app, the worker and the CLI share: settings, database and, built on first use,
+    the archive storage and the Plivo client (so nothing touches the network at import or start)."""
+
+    settings: Settings
+    engine: Engine
+    sessions: sessionmaker[Session]
+
+    @cached_property
+    def storage(self) -> Storage:
+        from webhook.archive.storage import open_storage
+
+        return open_storage(self.settings)
+
+    @cached_property
+    def plivo(self) -> PlivoClient:
+        from webhook.plivo import PlivoClient, PlivoError
+
+        s = self.settings
+        if not (s.plivo_auth_id and s.plivo_auth_token):
+            raise PlivoError(
+                503, "plivo_not_configured", "PLIVO_AUTH_ID and PLIVO_AUTH_TOKEN are not set"
+            )
+        return PlivoClient(s.plivo_auth_id, s.plivo_auth_token, s.plivo_api_url)
+
+
+def create_app(test_config: dict[str, Any] | None = None) -> Flask:
+    """Build the Flask app: settings from the environment (or `test_config["SETTINGS"]`)."""
+    from webhook import api, callbacks, errors, logs, meta
+    from webhook.db import close_request_session, make_engine, make_session_factory
+
+    app = Flask(__name__, instance_relative_config=True)
+    test_config = test_config or {}
+    settings: Settings = test_config.get("SETTINGS") or load(app.instance_path)
+    app.config.update(
+        MAX_CONTENT_LENGTH=settings.max_callback_bytes,
+        JSON_SORT_KEYS=False,
+    )
+    app.config.update({k: v for k, v in test_config.items() if k != "SETTINGS"})
+    if settings.database_url.startswith("sqlite") or settings.archive_url.startswith("file:"):
+        # The embedded defaults live in the instance folder.
+        os.makedirs(app.instance_path, exist_ok=True)
+    engine = make_engine(settings.database_url)
+    app.extensions["webhook"] = Services(settings, engine, make_session_factory(engine))
+
+    logs.init_app(app)
+    errors.init_app(app)
+    app.teardown_appcontext(close_request_session)
+    app.register_blueprint(callbacks.bp)
+    app.register_blueprint(api.bp)
+    app.register_blueprint(meta.bp)
+    return app
+
+
+def services(app: Flask) -> Services:
+    """The shared services of an app built by `create_app`."""
+    svc: Services = app.extensions["webhook"]
+    return svc

@@ -1,0 +1,214 @@
+"""The `webhook` command: Flask's CLI (run, shell, routes) plus the service's own commands."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import signal
+import sys
+import threading
+from typing import Any
+
+import click
+from flask import current_app
+from flask.cli import AppGroup, FlaskGroup
+from sqlalchemy import select
+from tqdm import tqdm
+
+from webhook import create_app, logs, services
+from webhook.archive.storage import StorageError, archive_prefix
+from webhook.archive.worker import Worker
+from webhook.auth import add_staff, revoke_staff
+from webhook.db import transaction, upgrade
+from webhook.errors import BadParameter
+from webhook.models import Recording, Role, Staff, Status
+from webhook.plivo import PlivoError
+from webhook.recordings import parse_report, record_report, requeue
+from webhook.search import parse_time_ms
+
+cli = FlaskGroup(create_app=create_app, help="Plivo conference recording archive.")
+db_cli = AppGroup("db", help="The database schema (Alembic migrations).")
+staff_cli = AppGroup("staff", help="Staff API tokens.")
+cli.add_command(db_cli)
+cli.add_command(staff_cli)
+
+
+def main() -> None:
+    """Entry point of the `webhook` console script."""
+    cli(prog_name="webhook")
+
+
+def _progress(total: int | None, what: str) -> Any:
+    # A bar on a terminal only; logs and pipes get the summary line alone.
+    return tqdm(total=total, unit=what, disable=not sys.stderr.isatty(), file=sys.stderr)
+
+
+@db_cli.command("upgrade")
+@click.option("--revision", default="head", show_default=True)
+def db_upgrade(revision: str) -> None:
+    """Apply the Alembic migrations in migrations/."""
+    url = services(current_app).settings.database_url
+    upgrade(url, revision)
+    click.echo(f"database at revision {revision}")
+
+
+@cli.command("worker")
+@click.option("--once", is_flag=True, help="Archive whatever is due now, then exit.")
+def worker(once: bool) -> None:
+    """Run the archive worker (SIGTERM finishes or gives back the current job, then exits)."""
+    logs.configure()
+    stop = threading.Event()
+
+    def _stop(signum: int, _frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    done = Worker(services(current_app), stop).run(once=once)
+    if once:
+        click.echo(f"archive worker ran {done} job(s)")
+
+
+@staff_cli.command("add")
+@click.argument("name")
+@click.option("--role", type=click.Choice([r.value for r in Role]), required=True)
+def staff_add(name: str, role: str) -> None:
+    """Create a staff token; the token is printed once, alone on the last line."""
+    if not 1 <= len(name) <= 64 or not name.isprintable():
+        raise click.BadParameter("NAME must be 1 to 64 printable characters")
+    sessions = services(current_app).sessions
+    with transaction(sessions) as session:
+        if session.scalars(select(Staff).where(Staff.name == name)).first() is not None:
+            raise click.ClickException(f"staff {name!r} exists already (revoke it, or pick a name)")
+        token = add_staff(session, name, Role(role))
+    click.echo(f"Created {name} ({role}). The token is shown only now:")
+    click.echo(token)
+
+
+@staff_cli.command("list")
+def staff_list() -> None:
+    """List staff, their roles and whether their token is revoked."""
+    with transaction(services(current_app).sessions) as session:
+        for staff in session.scalars(select(Staff).order_by(Staff.name)):
+            state = f"revoked {staff.revoked_at:%Y-%m-%d}" if staff.revoked_at else "active"
+            click.echo(f"{staff.name}\t{staff.role}\t{state}\tcreated {staff.created_at:%Y-%m-%d}")
+
+
+@staff_cli.command("revoke")
+@click.argument("name")
+def staff_revoke(name: str) -> None:
+    """Revoke a staff member's token."""
+    with transaction(services(current_app).sessions) as session:
+        if not revoke_staff(session, name):
+            raise click.ClickException(f"no active staff named {name!r}")
+    click.echo(f"revoked {name}")
+
+
+@cli.command("requeue")
+@click.argument("recording_id", required=False)
+@click.option("--failed", is_flag=True, help="Requeue every failed recording.")
+def requeue_command(recording_id: str | None, failed: bool) -> None:
+    """Put a recording (or every failed one) back on the archive queue."""
+    if bool(recording_id) == failed:
+        raise click.UsageError("give either RECORDING_ID or --failed")
+    condition = (
+        Recording.status == Status.FAILED if failed else Recording.recording_id == recording_id
+    )
+    with transaction(services(current_app).sessions) as session:
+        count = requeue(session, condition)
+    if recording_id and not count:
+        raise click.ClickException(f"{recording_id} is not a failed or pending recording")
+    click.echo(f"requeued {count} recording(s)")
+
+
+def _plivo_report(details: dict[str, Any]) -> dict[str, str]:
+    """A Plivo Recording API object in the callback's field names."""
+    return {
+        "recording_id": str(details.get("recording_id") or ""),
+        "record_url": str(details.get("recording_url") or ""),
+        "conference_name": str(details.get("conference_name") or ""),
+        "recording_duration_ms": str(details.get("recording_duration_ms") or ""),
+        "recording_start_ms": str(details.get("recording_start_ms") or ""),
+        "recording_end_ms": str(details.get("recording_end_ms") or ""),
+    }
+
+
+@cli.command("reconcile")
+@click.option("--since", help="Only recordings Plivo added at or after this ISO-8601 time.")
+def reconcile(since: str | None) -> None:
+    """Queue every recording Plivo has that the archive lacks (callbacks that never came)."""
+    svc = services(current_app)
+    filters: dict[str, str] = {}
+    if since:
+        try:
+            since_ms = parse_time_ms("since", since)
+        except BadParameter as exc:
+            raise click.BadParameter(exc.message, param_hint="--since") from None
+        filters["add_time__gte"] = dt.datetime.fromtimestamp(since_ms / 1000, dt.UTC).strftime(
+            "%Y-%m-%d %H:%M:%S"
+        )
+    seen = queued = skipped = 0
+    prefix = archive_prefix(svc.settings.archive_url)
+    try:
+        with _progress(None, "recording") as bar:
+            for details in svc.plivo.iter_recordings(**filters):
+                seen += 1
+                bar.update(1)
+                if details.get("recording_type") not in (None, "conference"):
+                    continue
+                try:
+                    report = parse_report(_plivo_report(details))
+                except BadParameter as exc:
+                    skipped += 1
+                    click.echo(f"skipped {details.get('recording_id')}: {exc.message}", err=True)
+                    continue
+                with transaction(svc.sessions) as session:
+                    queued += record_report(session, report, prefix)
+    except PlivoError as exc:
+        raise click.ClickException(f"Plivo: {exc.message} (after {seen} recordings)") from None
+    click.echo(
+        f"reconcile: {seen} recording(s) on Plivo, {queued} queued, "
+        f"{seen - queued - skipped} already known, {skipped} skipped"
+    )
+
+
+@cli.command("verify")
+def verify() -> None:
+    """Re-read every archived object, compare its SHA-256 and size; exit 1 on any mismatch."""
+    svc = services(current_app)
+    with transaction(svc.sessions) as session:
+        rows = session.execute(
+            select(
+                Recording.recording_id,
+                Recording.archive_key,
+                Recording.archive_version_id,
+                Recording.archive_size,
+                Recording.archive_sha256,
+            )
+            .where(Recording.status == Status.ARCHIVED, Recording.archive_key.is_not(None))
+            .order_by(Recording.id)
+        ).all()
+    bad = 0
+    with _progress(len(rows), "object") as bar:
+        for recording_id, key, version_id, size, sha256 in rows:
+            digest = hashlib.sha256()
+            seen = 0
+            try:
+                for chunk in svc.storage.read(str(key), version_id):
+                    digest.update(chunk)
+                    seen += len(chunk)
+            except StorageError as exc:
+                bad += 1
+                tqdm.write(f"MISSING {recording_id} {key}: {exc}")
+                continue
+            finally:
+                bar.update(1)
+            if seen != size or digest.hexdigest() != sha256:
+                bad += 1
+                tqdm.write(
+                    f"MISMATCH {recording_id} {key}: expected {size} bytes sha256 {sha256}, "
+                    f"found {seen} bytes sha256 {digest.hexdigest()}"
+                )
+    click.echo(f"verify: {len(rows)} object(s) checked, {bad} mismatch(es)")
+    if bad:
+        sys.exit(1)

@@ -1,0 +1,94 @@
+"""Engine and sessions: one session per request, one transaction per job."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, cast
+
+from alembic import command as alembic_command
+from alembic.config import Config as AlembicConfig
+from flask import current_app, g
+from sqlalchemy import CursorResult, Engine, Result, create_engine, event
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+
+def make_engine(url: str, **kwargs: Any) -> Engine:
+    """An engine that survives a database restart and lets two processes share SQLite."""
+    if url.startswith("sqlite"):
+        engine = create_engine(url, **kwargs)
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+            cursor = dbapi_connection.cursor()
+            # WAL lets the web process read while the worker writes; busy_timeout waits for locks
+            # instead of failing at once.
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA busy_timeout=10000")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.close()
+
+        return engine
+    kwargs.setdefault("pool_pre_ping", True)
+    kwargs.setdefault("pool_size", 5)
+    kwargs.setdefault("max_overflow", 5)
+    kwargs.setdefault("connect_args", {"connect_timeout": 5})
+    return create_engine(url, **kwargs)
+
+
+def make_session_factory(engine: Engine) -> sessionmaker[Session]:
+    """Sessions that keep loaded objects usable after commit (views serialise after committing)."""
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+def request_session() -> Session:
+    """The session of the current request, opened on first use and closed at teardown."""
+    if "db_session" not in g:
+        g.db_session = current_app.extensions["webhook"].sessions()
+    session: Session = g.db_session
+    return session
+
+
+def close_request_session(_exc: BaseException | None = None) -> None:
+    """Roll back whatever the request did not commit, and give the connection back."""
+    session: Session | None = g.pop("db_session", None)
+    if session is not None:
+        session.close()
+
+
+@contextmanager
+def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
+    """A session whose work is committed on success and rolled back on any error."""
+    with factory() as session, session.begin():
+        yield session
+
+
+def is_disconnect(exc: BaseException) -> bool:
+    """Whether a database error means the database could not be reached (retry later)."""
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(exc, OperationalError)
+
+
+MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+
+
+def alembic_config(database_url: str) -> AlembicConfig:
+    """Alembic's configuration for the migrations in `migrations/`, aimed at `database_url`."""
+    config = AlembicConfig()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    # ConfigParser interpolation: a literal % in a password must be doubled.
+    config.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
+    return config
+
+
+def upgrade(database_url: str, revision: str = "head") -> None:
+    """Apply the migrations up to `revision`."""
+    alembic_command.upgrade(alembic_config(database_url), revision)
+
+
+def rowcount(result: Result[Any]) -> int:
+    """How many rows an UPDATE, DELETE or INSERT … ON CONFLICT statement changed."""
+    return cast("CursorResult[Any]", result).rowcount

@@ -1,0 +1,79 @@
+"""Structured logs: one JSON line per request and per job, to stdout."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+import uuid
+from typing import Any
+
+from flask import Flask, Response, g, request
+
+# Attributes every LogRecord has; anything else passed in `extra=` is a structured field.
+_STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+
+class JSONFormatter(logging.Formatter):
+    """Render a record as one JSON object: time, level, logger, message and any extra fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        entry.update({k: v for k, v in vars(record).items() if k not in _STANDARD})
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str, ensure_ascii=False)
+
+
+JSONFormatter.converter = time.gmtime
+
+
+def configure(level: int = logging.INFO) -> None:
+    """Send the service's logs to stdout as JSON lines (once per process)."""
+    root = logging.getLogger("webhook")
+    if any(isinstance(h.formatter, JSONFormatter) for h in root.handlers):
+        return
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(JSONFormatter())
+    root.addHandler(handler)
+    root.setLevel(level)
+    root.propagate = False
+
+
+def init_app(app: Flask) -> None:
+    """Bind a request id to every request and log one line when it ends."""
+    if not app.testing:
+        configure()
+    log = logging.getLogger("webhook.request")
+
+    @app.before_request
+    def _bind_request_id() -> None:
+        incoming = request.headers.get("X-Request-ID", "")
+        g.request_id = incoming[:64] if incoming.isprintable() and incoming else uuid.uuid4().hex
+        g.started = time.perf_counter()
+
+    @app.after_request
+    def _log_request(response: Response) -> Response:
+        response.headers["X-Request-ID"] = g.get("request_id", "")
+        log.info(
+            "request",
+            extra={
+                "method": request.method,
+                "path": request.path,
+                "status": response.status_code,
+                "ms": round(
+                    (time.perf_counter() - g.get("started", time.perf_counter())) * 1000, 2
+                ),
+                "request_id": g.get("request_id"),
+                "recording_id": g.get("recording_id"),
+                "staff": g.get("staff_name"),
+                "remote_addr": request.remote_addr,
+            },
+        )
+        return response

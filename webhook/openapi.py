@@ -1,0 +1,434 @@
+"""The OpenAPI 3 description of the service, served at /openapi.json."""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+from webhook.models import Status
+from webhook.search import MAX_LIMIT
+
+JSON = "application/json"
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {JSON: {"schema": _ref("Error")}}}
+
+
+def _json(description: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"description": description, "content": {JSON: {"schema": schema}}}
+
+
+def _query(name: str, description: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "query",
+        "required": False,
+        "description": description,
+        "schema": schema,
+    }
+
+
+STAFF_ERRORS = {
+    "401": _error("No valid bearer token"),
+    "403": _error("The token's role may not do this"),
+    "503": _error("The database or the audit log is unavailable"),
+}
+RECORDING_ID = {
+    "name": "recording_id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "maxLength": 64},
+}
+CONFERENCE_NAME = {
+    "name": "name",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+}
+NULLABLE_STRING = {"type": ["string", "null"]}
+NULLABLE_INT = {"type": ["integer", "null"]}
+
+FILTER_PARAMS = [
+    _query("conference", "Exact conference name", {"type": "string"}),
+    _query("conference_prefix", "Conference names starting with this", {"type": "string"}),
+    _query(
+        "participant",
+        "A member's from/to, formatting ignored (+1 (415) 555-0101 = 14155550101; sip: addresses)",
+        {"type": "string"},
+    ),
+    _query("since", "Recording start at or after (ISO-8601; UTC if no zone)", {"type": "string"}),
+    _query("until", "Recording start before (ISO-8601; UTC if no zone)", {"type": "string"}),
+    _query("status", "Archive state", {"type": "string", "enum": [s.value for s in Status]}),
+    _query("min_duration", "Seconds, at least", {"type": "number", "minimum": 0}),
+    _query("max_duration", "Seconds, at most", {"type": "number", "minimum": 0}),
+    _query("legal_hold", "Under legal hold or not", {"type": "string", "enum": ["true", "false"]}),
+]
+PAGE_PARAMS = [
+    _query(
+        "limit",
+        f"Page size, 1 to {MAX_LIMIT} (default 50)",
+        {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT},
+    ),
+    _query("cursor", "next_cursor from the previous page", {"type": "string"}),
+]
+
+SCHEMAS: dict[str, Any] = {
+    "Error": {
+        "type": "object",
+        "required": ["error", "message"],
+        "properties": {
+            "error": {"type": "string", "description": "A stable code, e.g. invalid_since"},
+            "message": {"type": "string", "description": "A sentence for people"},
+        },
+    },
+    "Participant": {
+        "type": "object",
+        "properties": {
+            name: NULLABLE_STRING
+            for name in (
+                "member_id",
+                "from",
+                "to",
+                "caller_name",
+                "direction",
+                "call_uuid",
+                "join_time",
+            )
+        },
+    },
+    "Archive": {
+        "type": ["object", "null"],
+        "properties": {
+            "key": {"type": "string"},
+            "size": {"type": "integer"},
+            "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+            "version_id": NULLABLE_STRING,
+            "archived_at": {"type": "string", "format": "date-time"},
+        },
+    },
+    "Recording": {
+        "type": "object",
+        "required": ["recording_id", "status", "start_ms", "attempts", "legal_hold"],
+        "properties": {
+            "recording_id": {"type": "string"},
+            "conference_name": NULLABLE_STRING,
+            "status": {"type": "string", "enum": [s.value for s in Status]},
+            "file_format": NULLABLE_STRING,
+            "duration_ms": NULLABLE_INT,
+            "duration_s": NULLABLE_INT,
+            "start_ms": {"type": "integer"},
+            "end_ms": NULLABLE_INT,
+            "api_id": NULLABLE_STRING,
+            "record_url": NULLABLE_STRING,
+            "started_by": NULLABLE_STRING,
+            "participants": {"type": "array", "items": _ref("Participant")},
+            "archive": _ref("Archive"),
+            "attempts": {"type": "integer"},
+            "next_attempt_at": NULLABLE_STRING,
+            "last_error": NULLABLE_STRING,
+            "retain_until": NULLABLE_STRING,
+            "legal_hold": {"type": "boolean"},
+            "created_at": NULLABLE_STRING,
+            "updated_at": NULLABLE_STRING,
+        },
+    },
+    "RecordingPage": {
+        "type": "object",
+        "required": ["recordings", "next_cursor"],
+        "properties": {
+            "recordings": {"type": "array", "items": _ref("Recording")},
+            "next_cursor": NULLABLE_STRING,
+        },
+    },
+    "AuditEvent": {
+        "type": "object",
+        "properties": {
+            "id": {"type": "integer"},
+            "at": {"type": "string", "format": "date-time"},
+            "staff": NULLABLE_STRING,
+            "role": NULLABLE_STRING,
+            "method": {"type": "string"},
+            "path": {"type": "string"},
+            "query": {"type": "string"},
+            "status": {"type": "integer"},
+            "recording_ids": {"type": "array", "items": {"type": "string"}},
+            "remote_addr": NULLABLE_STRING,
+            "user_agent": NULLABLE_STRING,
+            "request_id": NULLABLE_STRING,
+        },
+    },
+    "AuditPage": {
+        "type": "object",
+        "required": ["events", "next_cursor"],
+        "properties": {
+            "events": {"type": "array", "items": _ref("AuditEvent")},
+            "next_cursor": NULLABLE_STRING,
+        },
+    },
+    "CallbackAnswer": {
+        "type": "object",
+        "properties": {
+            "status": {"type": "string", "enum": ["accepted", "duplicate"]},
+            "recording_id": {"type": "string"},
+        },
+    },
+    "Health": {
+        "type": "object",
+        "properties": {
+            "status": {"type": "string", "enum": ["ok", "unavailable"]},
+            "checks": {"type": "object", "additionalProperties": {"type": "string"}},
+        },
+    },
+}
+
+CALLBACK_FIELDS = {
+    "type": "object",
+    "required": ["recording_id", "record_url"],
+    "properties": {
+        "api_id": {"type": "string"},
+        "record_url": {"type": "string"},
+        "recording_id": {"type": "string"},
+        "conference_name": {"type": "string"},
+        "recording_duration": {"type": "string"},
+        "recording_duration_ms": {"type": "string"},
+        "recording_start_ms": {"type": "string"},
+        "recording_end_ms": {"type": "string"},
+    },
+}
+
+
+def _callback_operation(method: str) -> dict[str, Any]:
+    operation: dict[str, Any] = {
+        "tags": ["plivo"],
+        "summary": f"Plivo's recording callback ({method})",
+        "description": "Signed with X-Plivo-Signature-V3 (or -Ma-V3) over PUBLIC_URL + path. "
+        "Field names in snake_case (Record API) or CamelCase (Conference XML).",
+        "security": [],
+        "parameters": [
+            {"name": "X-Plivo-Signature-V3", "in": "header", "schema": {"type": "string"}},
+            {"name": "X-Plivo-Signature-Ma-V3", "in": "header", "schema": {"type": "string"}},
+            {"name": "X-Plivo-Signature-V3-Nonce", "in": "header", "schema": {"type": "string"}},
+        ],
+        "responses": {
+            "200": _json(
+                "Accepted, or a duplicate of an accepted callback", _ref("CallbackAnswer")
+            ),
+            "400": _error("A field is missing or malformed; the code names it"),
+            "403": _error("Missing, wrong or replayed signature"),
+            "413": _error("Body too large"),
+            "503": _error("Database unavailable or callbacks not configured; Plivo should retry"),
+        },
+    }
+    if method == "POST":
+        operation["requestBody"] = {
+            "required": True,
+            "content": {"application/x-www-form-urlencoded": {"schema": CALLBACK_FIELDS}},
+        }
+    return operation
+
+
+@cache
+def openapi_document() -> dict[str, Any]:
+    """The whole document (built once per process)."""
+    recording = {
+        "200": _json("The recording", _ref("Recording")),
+        "404": _error("No such recording"),
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Plivo conference recording archive",
+            "version": "1",
+            "description": "Starts Plivo conference recordings, archives them byte-exact with a "
+            "SHA-256, and lets compliance staff search, play and audit them.",
+        },
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": SCHEMAS,
+        },
+        "security": [{"bearer": []}],
+        "paths": {
+            "/plivo/recording": {
+                "post": _callback_operation("POST"),
+                "get": _callback_operation("GET"),
+            },
+            "/api/conferences/{name}/recording": {
+                "parameters": [CONFERENCE_NAME],
+                "post": {
+                    "tags": ["operators"],
+                    "summary": "Start recording a live conference (operator)",
+                    "requestBody": {
+                        "required": False,
+                        "content": {
+                            JSON: {
+                                "schema": {
+                                    "type": "object",
+                                    "properties": {
+                                        "file_format": {"type": "string", "enum": ["mp3", "wav"]}
+                                    },
+                                }
+                            }
+                        },
+                    },
+                    "responses": {
+                        "201": _json("Recording started", _ref("Recording")),
+                        "400": _error("Bad file_format or Plivo rejected the request"),
+                        "404": _error("The conference is not running"),
+                        "502": _error("Plivo failed or refused the credentials"),
+                        "504": _error("Plivo did not answer in time"),
+                        **STAFF_ERRORS,
+                    },
+                },
+                "delete": {
+                    "tags": ["operators"],
+                    "summary": "Stop recording a conference (operator)",
+                    "responses": {
+                        "200": _json("Stopping", {"type": "object"}),
+                        "404": _error("No such conference"),
+                        "502": _error("Plivo failed"),
+                        "504": _error("Plivo did not answer in time"),
+                        **STAFF_ERRORS,
+                    },
+                },
+            },
+            "/api/recordings": {
+                "get": {
+                    "tags": ["compliance"],
+                    "summary": "Search recordings, newest first (compliance)",
+                    "parameters": FILTER_PARAMS + PAGE_PARAMS,
+                    "responses": {
+                        "200": _json("A page of recordings", _ref("RecordingPage")),
+                        "400": _error("A parameter is malformed; the code names it"),
+                        **STAFF_ERRORS,
+                    },
+                }
+            },
+            "/api/recordings/export": {
+                "get": {
+                    "tags": ["compliance"],
+                    "summary": "Stream every matching recording as CSV or NDJSON (compliance)",
+                    "parameters": [
+                        *FILTER_PARAMS,
+                        _query(
+                            "format",
+                            "csv or ndjson (default)",
+                            {"type": "string", "enum": ["csv", "ndjson"]},
+                        ),
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": "The rows, streamed",
+                            "content": {
+                                "text/csv": {"schema": {"type": "string"}},
+                                "application/x-ndjson": {"schema": {"type": "string"}},
+                            },
+                        },
+                        "400": _error("A parameter is malformed; the code names it"),
+                        **STAFF_ERRORS,
+                    },
+                }
+            },
+            "/api/recordings/{recording_id}": {
+                "parameters": [RECORDING_ID],
+                "get": {
+                    "tags": ["compliance"],
+                    "summary": "One recording with participants and archive (compliance)",
+                    "responses": {**recording, **STAFF_ERRORS},
+                },
+            },
+            "/api/recordings/{recording_id}/audio": {
+                "parameters": [RECORDING_ID],
+                "get": {
+                    "tags": ["compliance"],
+                    "summary": "Play or download the audio (compliance)",
+                    "responses": {
+                        "200": {
+                            "description": "The audio bytes (local archive)",
+                            "content": {"audio/mpeg": {}, "audio/wav": {}},
+                        },
+                        "302": {
+                            "description": "Redirect to a presigned S3 URL (valid 5 minutes at most)"
+                        },
+                        "404": _error("No such recording"),
+                        "409": _error("Not archived yet"),
+                        **STAFF_ERRORS,
+                    },
+                },
+            },
+            "/api/recordings/{recording_id}/legal-hold": {
+                "parameters": [RECORDING_ID],
+                "put": {
+                    "tags": ["admin"],
+                    "summary": "Place or lift an S3 Object Lock legal hold (admin)",
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            JSON: {
+                                "schema": {
+                                    "type": "object",
+                                    "required": ["on"],
+                                    "properties": {
+                                        "on": {"type": "boolean"},
+                                        "reason": {"type": "string", "maxLength": 2000},
+                                    },
+                                }
+                            }
+                        },
+                    },
+                    "responses": {
+                        **recording,
+                        "400": _error("Malformed body, or no reason for a hold"),
+                        "409": _error("Not archived yet"),
+                        "502": _error("The archive refused the hold"),
+                        **STAFF_ERRORS,
+                    },
+                },
+            },
+            "/api/audit": {
+                "get": {
+                    "tags": ["admin"],
+                    "summary": "The access log, newest first (admin)",
+                    "parameters": [
+                        _query("staff", "Staff name", {"type": "string"}),
+                        _query(
+                            "recording_id",
+                            "Requests that showed or touched this recording",
+                            {"type": "string"},
+                        ),
+                        _query("since", "At or after (ISO-8601)", {"type": "string"}),
+                        _query("until", "Before (ISO-8601)", {"type": "string"}),
+                        *PAGE_PARAMS,
+                    ],
+                    "responses": {
+                        "200": _json("A page of events", _ref("AuditPage")),
+                        "400": _error("A parameter is malformed; the code names it"),
+                        **STAFF_ERRORS,
+                    },
+                }
+            },
+            "/healthz": {
+                "get": {
+                    "tags": ["meta"],
+                    "summary": "Whether the database and the archive answer",
+                    "security": [],
+                    "responses": {
+                        "200": _json("Healthy", _ref("Health")),
+                        "503": _json("Unhealthy", _ref("Health")),
+                    },
+                }
+            },
+            "/openapi.json": {
+                "get": {
+                    "tags": ["meta"],
+                    "summary": "This document",
+                    "security": [],
+                    "responses": {"200": _json("OpenAPI 3.1", {"type": "object"})},
+                }
+            },
+        },
+    }

@@ -1,0 +1,364 @@
+"""Recordings: validating what Plivo reports, storing it idempotently, queueing it, showing it."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from typing import Any
+from urllib.parse import urlsplit
+
+from sqlalchemy import ColumnElement, inspect, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session, selectinload
+
+from webhook.db import rowcount
+from webhook.errors import BadParameter
+from webhook.models import Participant, Recording, Status, utcnow
+
+RECORDING_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+MAX_DURATION_MS = 7 * 24 * 3600 * 1000  # a week: anything longer is not a real recording
+EPOCH_MS_RANGE = (946684800000, 4102444800000)  # 2000-01-01 .. 2100-01-01
+FILE_FORMATS = ("mp3", "wav")
+
+# The Conference XML element calls back with CamelCase names; the Record API with snake_case.
+CAMEL_NAMES = {
+    "RecordUrl": "record_url",
+    "RecordingID": "recording_id",
+    "ConferenceName": "conference_name",
+    "RecordingDuration": "recording_duration",
+    "RecordingDurationMs": "recording_duration_ms",
+    "RecordingStartMs": "recording_start_ms",
+    "RecordingEndMs": "recording_end_ms",
+}
+
+
+@dataclass(frozen=True)
+class RecordingReport:
+    """What Plivo says about a finished recording, validated."""
+
+    recording_id: str
+    record_url: str
+    conference_name: str | None = None
+    api_id: str | None = None
+    duration_ms: int | None = None
+    start_ms: int | None = None
+    end_ms: int | None = None
+
+    @property
+    def file_format(self) -> str:
+        suffix = urlsplit(self.record_url).path.rsplit(".", 1)[-1].lower()
+        return suffix if suffix in FILE_FORMATS else "mp3"
+
+
+def _text(fields: Mapping[str, str], name: str, limit: int, required: bool = False) -> str | None:
+    value = (fields.get(name) or "").strip()
+    if not value:
+        if required:
+            raise BadParameter(name, f"{name} is required")
+        return None
+    if len(value) > limit:
+        raise BadParameter(name, f"{name} is longer than {limit} characters")
+    if not value.isprintable():
+        raise BadParameter(name, f"{name} contains control characters")
+    return value
+
+
+def _number_ms(
+    fields: Mapping[str, str], name: str, scale: int, bounds: tuple[int, int]
+) -> int | None:
+    raw = (fields.get(name) or "").strip()
+    if not raw:
+        return None
+    try:
+        number = Decimal(raw)
+    except InvalidOperation:
+        raise BadParameter(name, f"{name} must be a number, got {raw[:40]!r}") from None
+    if not number.is_finite():
+        raise BadParameter(name, f"{name} must be a finite number")
+    value = int(number * scale)
+    if not bounds[0] <= value <= bounds[1]:
+        raise BadParameter(name, f"{name} is out of range: {raw[:40]}")
+    return value
+
+
+def parse_report(raw: Mapping[str, str]) -> RecordingReport:
+    """Validate a callback's fields (either naming scheme); a bad field raises BadParameter."""
+    fields = dict(raw)
+    for camel, snake in CAMEL_NAMES.items():
+        if camel in raw and not raw.get(snake):
+            fields[snake] = raw[camel]
+    recording_id = _text(fields, "recording_id", 64, required=True)
+    assert recording_id is not None
+    if not RECORDING_ID.match(recording_id):
+        raise BadParameter("recording_id", "recording_id may hold only letters, digits, . _ and -")
+    record_url = _text(fields, "record_url", 2048, required=True)
+    assert record_url is not None
+    parts = urlsplit(record_url)
+    if not parts.scheme or not parts.hostname:
+        raise BadParameter("record_url", "record_url must be an absolute URL")
+    duration_bounds = (0, MAX_DURATION_MS)
+    duration_ms = _number_ms(fields, "recording_duration_ms", 1, duration_bounds)
+    duration_s = _number_ms(fields, "recording_duration", 1000, duration_bounds)
+    start_ms = _number_ms(fields, "recording_start_ms", 1, EPOCH_MS_RANGE)
+    end_ms = _number_ms(fields, "recording_end_ms", 1, EPOCH_MS_RANGE)
+    if start_ms is not None and end_ms is not None and end_ms < start_ms:
+        raise BadParameter("recording_end_ms", "recording_end_ms is before recording_start_ms")
+    return RecordingReport(
+        recording_id=recording_id,
+        record_url=record_url,
+        conference_name=_text(fields, "conference_name", 255),
+        api_id=_text(fields, "api_id", 64),
+        duration_ms=duration_ms if duration_ms is not None else duration_s,
+        start_ms=start_ms,
+        end_ms=end_ms,
+    )
+
+
+def archive_key(prefix: str, recording_id: str, start_ms: int, file_format: str) -> str:
+    """Where a recording lives in the archive: fixed by its id and start date."""
+    day = dt.datetime.fromtimestamp(start_ms / 1000, dt.UTC)
+    return f"{prefix}recordings/{day:%Y/%m/%d}/{recording_id}.{file_format}"
+
+
+def insert_ignoring_conflict(session: Session, model: type[Any], values: dict[str, Any]) -> bool:
+    """INSERT … ON CONFLICT DO NOTHING; True when the row was inserted (atomic under races)."""
+    dialect = session.get_bind().dialect.name
+    insert = pg_insert if dialect == "postgresql" else sqlite_insert
+    # RETURNING rather than rowcount: psycopg reports no rowcount for ON CONFLICT DO NOTHING.
+    key = inspect(model).primary_key[0]
+    statement = insert(model).values(**values).on_conflict_do_nothing().returning(key)
+    return session.execute(statement).first() is not None
+
+
+def _now_ms() -> int:
+    return int(utcnow().timestamp() * 1000)
+
+
+def record_report(
+    session: Session, report: RecordingReport, key_prefix: str, now: dt.datetime | None = None
+) -> bool:
+    """Store a finished recording and queue its archiving; False when it was already reported.
+
+    The row is the queue entry, so the metadata and the job are committed together. A row that
+    exists in state `recording` (started through our API) moves to `pending`; any later state means
+    a duplicate, which changes nothing.
+    """
+    now = now or utcnow()
+    start_ms = report.start_ms
+    if start_ms is None:
+        # Without a start time, the best estimate is the end (or now) minus the duration.
+        end = report.end_ms if report.end_ms is not None else int(now.timestamp() * 1000)
+        start_ms = end - (report.duration_ms or 0)
+    reported = {
+        "record_url": report.record_url,
+        "file_format": report.file_format,
+        "duration_ms": report.duration_ms,
+        "duration_s": None if report.duration_ms is None else report.duration_ms // 1000,
+        "end_ms": report.end_ms,
+        "status": Status.PENDING,
+        "next_attempt_at": now,
+        "updated_at": now,
+    }
+    inserted = insert_ignoring_conflict(
+        session,
+        Recording,
+        {
+            **reported,
+            "recording_id": report.recording_id,
+            "conference_name": report.conference_name,
+            "api_id": report.api_id,
+            "start_ms": start_ms,
+            "archive_key": archive_key(
+                key_prefix, report.recording_id, start_ms, report.file_format
+            ),
+            "attempts": 0,
+            "legal_hold": False,
+            "created_at": now,
+        },
+    )
+    if inserted:
+        return True
+    existing = session.scalars(
+        select(Recording).where(Recording.recording_id == report.recording_id)
+    ).one()
+    changes: dict[str, Any] = dict(reported)
+    if report.start_ms is not None:
+        changes["start_ms"] = report.start_ms
+    changes["archive_key"] = archive_key(
+        key_prefix,
+        report.recording_id,
+        changes.get("start_ms", existing.start_ms),
+        report.file_format,
+    )
+    if existing.conference_name is None and report.conference_name:
+        changes["conference_name"] = report.conference_name
+    if existing.api_id is None and report.api_id:
+        changes["api_id"] = report.api_id
+    # Conditional on the state, so of two simultaneous callbacks exactly one moves the row.
+    moved = rowcount(
+        session.execute(
+            update(Recording)
+            .where(Recording.id == existing.id, Recording.status == Status.RECORDING)
+            .values(**changes)
+            .execution_options(synchronize_session=False)
+        )
+    )
+    return moved == 1
+
+
+def record_start(
+    session: Session,
+    recording_id: str,
+    conference_name: str,
+    file_format: str,
+    api_id: str | None,
+    record_url: str | None,
+    members: list[Mapping[str, Any]],
+    started_by: str,
+    key_prefix: str,
+) -> Recording:
+    """Store a recording just started through Plivo's API, with its conference's members."""
+    now = utcnow()
+    start_ms = _now_ms()
+    insert_ignoring_conflict(
+        session,
+        Recording,
+        {
+            "recording_id": recording_id,
+            "conference_name": conference_name,
+            "api_id": api_id,
+            "record_url": record_url,
+            "file_format": file_format,
+            "start_ms": start_ms,
+            "archive_key": archive_key(key_prefix, recording_id, start_ms, file_format),
+            "status": Status.RECORDING,
+            "attempts": 0,
+            "legal_hold": False,
+            "started_by": started_by,
+            "created_at": now,
+            "updated_at": now,
+        },
+    )
+    # If the callback won the race, the row exists already: keep its state, add who and whom.
+    recording = session.scalars(
+        select(Recording).where(Recording.recording_id == recording_id)
+    ).one()
+    recording.started_by = started_by
+    if not recording.participants:
+        recording.participants = [participant_from_member(m) for m in members]
+    return recording
+
+
+def participant_key(value: str | None) -> str | None:
+    """A form of a phone number or SIP address that ignores formatting: digits, or lowercase."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.lower().startswith("sip:") or "@" in value:
+        return value.lower().removeprefix("sip:")
+    digits = re.sub(r"\D", "", value)
+    return digits or value.lower()
+
+
+def participant_from_member(member: Mapping[str, Any]) -> Participant:
+    """A participant row from a member of Plivo's Retrieve Conference answer."""
+
+    def field(name: str, limit: int) -> str | None:
+        value = member.get(name)
+        return None if value in (None, "") else str(value)[:limit]
+
+    return Participant(
+        member_id=field("member_id", 64),
+        from_number=field("from", 255),
+        to_number=field("to", 255),
+        from_key=participant_key(field("from", 255)),
+        to_key=participant_key(field("to", 255)),
+        caller_name=field("caller_name", 255),
+        direction=field("direction", 16),
+        call_uuid=field("call_uuid", 64),
+        join_time=field("join_time", 32),
+    )
+
+
+def find(session: Session, recording_id: str) -> Recording | None:
+    """A recording with its participants, by Plivo's recording id."""
+    return session.scalars(
+        select(Recording)
+        .where(Recording.recording_id == recording_id)
+        .options(selectinload(Recording.participants))
+    ).one_or_none()
+
+
+def _iso(value: dt.datetime | None) -> str | None:
+    return None if value is None else value.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def to_json(recording: Recording, with_participants: bool = True) -> dict[str, Any]:
+    """A recording as the API shows it."""
+    body: dict[str, Any] = {
+        "recording_id": recording.recording_id,
+        "conference_name": recording.conference_name,
+        "status": recording.status,
+        "file_format": recording.file_format,
+        "duration_ms": recording.duration_ms,
+        "duration_s": recording.duration_s,
+        "start_ms": recording.start_ms,
+        "end_ms": recording.end_ms,
+        "api_id": recording.api_id,
+        "record_url": recording.record_url,
+        "started_by": recording.started_by,
+        "archive": None,
+        "attempts": recording.attempts,
+        "next_attempt_at": _iso(recording.next_attempt_at)
+        if recording.status == Status.PENDING
+        else None,
+        "last_error": recording.last_error,
+        "retain_until": _iso(recording.retain_until),
+        "legal_hold": recording.legal_hold,
+        "created_at": _iso(recording.created_at),
+        "updated_at": _iso(recording.updated_at),
+    }
+    if recording.status == Status.ARCHIVED:
+        body["archive"] = {
+            "key": recording.archive_key,
+            "size": recording.archive_size,
+            "sha256": recording.archive_sha256,
+            "version_id": recording.archive_version_id,
+            "archived_at": _iso(recording.archived_at),
+        }
+    if with_participants:
+        body["participants"] = [
+            {
+                "member_id": p.member_id,
+                "from": p.from_number,
+                "to": p.to_number,
+                "caller_name": p.caller_name,
+                "direction": p.direction,
+                "call_uuid": p.call_uuid,
+                "join_time": p.join_time,
+            }
+            for p in recording.participants
+        ]
+    return body
+
+
+def requeue(session: Session, condition: ColumnElement[bool]) -> int:
+    """Put recordings back on the archive queue now, with a fresh count of attempts."""
+    return rowcount(
+        session.execute(
+            update(Recording)
+            .where(condition, Recording.status.in_([Status.FAILED, Status.PENDING]))
+            .values(
+                status=Status.PENDING,
+                attempts=0,
+                next_attempt_at=utcnow(),
+                lease_token=None,
+                updated_at=utcnow(),
+            )
+            .execution_options(synchronize_session=False)
+        )
+    )

@@ -1,0 +1,172 @@
+"""Finding recordings: the query-string filters, newest first, with a keyset cursor."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as dt
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from sqlalchemy import Select, and_, exists, or_, select
+
+from webhook.errors import BadParameter
+from webhook.models import Participant, Recording, Status
+from webhook.recordings import participant_key
+
+DEFAULT_LIMIT = 50
+MAX_LIMIT = 200
+FILTERS = (
+    "conference",
+    "conference_prefix",
+    "participant",
+    "since",
+    "until",
+    "status",
+    "min_duration",
+    "max_duration",
+    "legal_hold",
+)
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """Where a page ended: the last row's (start_ms, id), newest first."""
+
+    start_ms: int
+    id: int
+
+    def encode(self) -> str:
+        return base64.urlsafe_b64encode(f"{self.start_ms}:{self.id}".encode()).decode().rstrip("=")
+
+    @classmethod
+    def decode(cls, raw: str) -> Cursor:
+        try:
+            text = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).decode("ascii")
+            start, _, ident = text.partition(":")
+            return cls(int(start), int(ident))
+        except (binascii.Error, UnicodeDecodeError, ValueError):
+            raise BadParameter("cursor", "cursor is not one this API handed out") from None
+
+
+@dataclass(frozen=True)
+class RecordingFilter:
+    """Validated filters for listing or exporting recordings."""
+
+    conference: str | None = None
+    conference_prefix: str | None = None
+    participant: str | None = None
+    since_ms: int | None = None
+    until_ms: int | None = None
+    status: str | None = None
+    min_duration_ms: int | None = None
+    max_duration_ms: int | None = None
+    legal_hold: bool | None = None
+
+
+def parse_time_ms(name: str, raw: str) -> int:
+    """An ISO-8601 date or date-time (UTC when no zone is given) as epoch milliseconds."""
+    try:
+        value = dt.datetime.fromisoformat(raw.strip())
+    except ValueError:
+        raise BadParameter(name, f"{name} must be an ISO-8601 date or date-time") from None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=dt.UTC)
+    return int(value.timestamp() * 1000)
+
+
+def _seconds_ms(name: str, raw: str) -> int:
+    try:
+        seconds = float(raw)
+    except ValueError:
+        raise BadParameter(name, f"{name} must be a number of seconds") from None
+    if not 0 <= seconds <= 10**9:
+        raise BadParameter(name, f"{name} must be a number of seconds, 0 or more")
+    return int(seconds * 1000)
+
+
+def parse_filter(args: Mapping[str, str]) -> RecordingFilter:
+    """The filters in a query string; a bad one raises BadParameter naming it."""
+
+    def text(name: str) -> str | None:
+        value = args.get(name)
+        if value is None or value == "":
+            return None
+        if len(value) > 255:
+            raise BadParameter(name, f"{name} is longer than 255 characters")
+        return value
+
+    status = text("status")
+    if status is not None and status not in {s.value for s in Status}:
+        raise BadParameter("status", f"status must be one of {', '.join(s.value for s in Status)}")
+    legal_hold = text("legal_hold")
+    if legal_hold is not None and legal_hold not in ("true", "false"):
+        raise BadParameter("legal_hold", "legal_hold must be true or false")
+    participant = text("participant")
+    since, until = text("since"), text("until")
+    low, high = text("min_duration"), text("max_duration")
+    result = RecordingFilter(
+        conference=text("conference"),
+        conference_prefix=text("conference_prefix"),
+        participant=participant_key(participant) if participant else None,
+        since_ms=parse_time_ms("since", since) if since else None,
+        until_ms=parse_time_ms("until", until) if until else None,
+        status=status,
+        min_duration_ms=_seconds_ms("min_duration", low) if low else None,
+        max_duration_ms=_seconds_ms("max_duration", high) if high else None,
+        legal_hold=None if legal_hold is None else legal_hold == "true",
+    )
+    if (
+        result.since_ms is not None
+        and result.until_ms is not None
+        and result.until_ms < result.since_ms
+    ):
+        raise BadParameter("until", "until is before since")
+    return result
+
+
+def parse_limit(raw: str | None) -> int:
+    """The page size: 1 to 200, 50 when not given."""
+    if raw is None or raw == "":
+        return DEFAULT_LIMIT
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+        raise BadParameter("limit", f"limit must be a whole number from 1 to {MAX_LIMIT}")
+    return int(raw)
+
+
+def recordings_query(f: RecordingFilter, after: Cursor | None = None) -> Select[Recording]:
+    """The recordings matching the filter, newest start first, after the cursor if given."""
+    query = select(Recording)
+    if f.conference is not None:
+        query = query.where(Recording.conference_name == f.conference)
+    if f.conference_prefix is not None:
+        query = query.where(
+            Recording.conference_name.startswith(f.conference_prefix, autoescape=True)
+        )
+    if f.participant is not None:
+        query = query.where(
+            exists().where(
+                Participant.recording_pk == Recording.id,
+                or_(Participant.from_key == f.participant, Participant.to_key == f.participant),
+            )
+        )
+    if f.since_ms is not None:
+        query = query.where(Recording.start_ms >= f.since_ms)
+    if f.until_ms is not None:
+        query = query.where(Recording.start_ms < f.until_ms)
+    if f.status is not None:
+        query = query.where(Recording.status == f.status)
+    if f.min_duration_ms is not None:
+        query = query.where(Recording.duration_ms >= f.min_duration_ms)
+    if f.max_duration_ms is not None:
+        query = query.where(Recording.duration_ms <= f.max_duration_ms)
+    if f.legal_hold is not None:
+        query = query.where(Recording.legal_hold.is_(f.legal_hold))
+    if after is not None:
+        query = query.where(
+            or_(
+                Recording.start_ms < after.start_ms,
+                and_(Recording.start_ms == after.start_ms, Recording.id < after.id),
+            )
+        )
+    return query.order_by(Recording.start_ms.desc(), Recording.id.desc())
