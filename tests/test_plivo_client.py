@@ -23,7 +23,7 @@ def fake() -> Iterator[FakePlivo]:
 
 
 @pytest.fixture
-def client(fake: FakePlivo) -> Iterator[PlivoClient]:
+def plivo_client(fake: FakePlivo) -> Iterator[PlivoClient]:
     client = PlivoClient(fake.auth_id, fake.auth_token, base_url=fake.url)
     yield client
     client.http.close()
@@ -45,10 +45,10 @@ def closed_port() -> int:
 
 
 def test_start_recording_sends_format_callback_and_basic_auth(
-    fake: FakePlivo, client: PlivoClient
+    fake: FakePlivo, plivo_client: PlivoClient
 ) -> None:
     fake.add_conference("room-1")
-    answer = client.start_recording("room-1", "wav", CALLBACK_URL)
+    answer = plivo_client.start_recording("room-1", "wav", CALLBACK_URL)
 
     recording_id = answer["recording_id"]
     assert answer["message"] == "conference recording started"
@@ -71,36 +71,40 @@ def test_start_recording_sends_format_callback_and_basic_auth(
     assert recording["state"] == "recording"
 
 
-def test_start_recording_quotes_the_conference_name(fake: FakePlivo, client: PlivoClient) -> None:
+def test_start_recording_quotes_the_conference_name(
+    fake: FakePlivo, plivo_client: PlivoClient
+) -> None:
     name = "Sales Room/Zoë 会议?#%"
     fake.add_conference(name)
-    answer = client.start_recording(name, "mp3", CALLBACK_URL)
+    answer = plivo_client.start_recording(name, "mp3", CALLBACK_URL)
     assert fake.recordings[answer["recording_id"]]["conference_name"] == name
 
 
-def test_start_recording_rejected_by_plivo_is_a_400(fake: FakePlivo, client: PlivoClient) -> None:
+def test_start_recording_rejected_by_plivo_is_a_400(
+    fake: FakePlivo, plivo_client: PlivoClient
+) -> None:
     fake.add_conference("room-1")
     with pytest.raises(PlivoError) as caught:
-        client.start_recording("room-1", "ogg", CALLBACK_URL)
+        plivo_client.start_recording("room-1", "ogg", CALLBACK_URL)
     assert (caught.value.status, caught.value.code) == (400, "plivo_rejected")
     assert "mp3 or wav" in caught.value.message
 
 
-def test_stop_recording(fake: FakePlivo, client: PlivoClient) -> None:
+def test_stop_recording(fake: FakePlivo, plivo_client: PlivoClient) -> None:
     fake.add_conference("room-1")
-    recording_id = client.start_recording("room-1", "mp3", CALLBACK_URL)["recording_id"]
-    assert client.stop_recording("room-1") is None
+    recording_id = plivo_client.start_recording("room-1", "mp3", CALLBACK_URL)["recording_id"]
+    assert plivo_client.stop_recording("room-1") is None
     assert fake.calls[-1] == ("DELETE", account_path(fake, "Conference/room-1/Record/"), {})
     assert fake.recordings[recording_id]["state"] == "stopped"
 
 
-def test_stop_recording_of_unknown_conference_is_a_404(client: PlivoClient) -> None:
+def test_stop_recording_of_unknown_conference_is_a_404(plivo_client: PlivoClient) -> None:
     with pytest.raises(PlivoError) as caught:
-        client.stop_recording("nobody-here")
+        plivo_client.stop_recording("nobody-here")
     assert (caught.value.status, caught.value.code) == (404, "not_found")
 
 
-def test_get_conference_lists_members(fake: FakePlivo, client: PlivoClient) -> None:
+def test_get_conference_lists_members(fake: FakePlivo, plivo_client: PlivoClient) -> None:
     members = fake.add_conference(
         "room-1",
         [
@@ -108,7 +112,7 @@ def test_get_conference_lists_members(fake: FakePlivo, client: PlivoClient) -> N
             {"member_id": "18", "from": "sip:zoe@example.com", "direction": "outbound"},
         ],
     )
-    conference = client.get_conference("room-1")
+    conference = plivo_client.get_conference("room-1")
     assert conference["conference_name"] == "room-1"
     assert conference["conference_member_count"] == "2"
     assert conference["conference_run_time"].isdigit()
@@ -118,29 +122,29 @@ def test_get_conference_lists_members(fake: FakePlivo, client: PlivoClient) -> N
     assert fake.calls == [("GET", account_path(fake, "Conference/room-1/"), {})]
 
 
-def test_get_conference_default_members(fake: FakePlivo, client: PlivoClient) -> None:
+def test_get_conference_default_members(fake: FakePlivo, plivo_client: PlivoClient) -> None:
     fake.add_conference("room-1")
-    members = client.get_conference("room-1")["members"]
+    members = plivo_client.get_conference("room-1")["members"]
     assert len(members) == 2
     expected_fields = {"member_id", "muted", "deaf", "from", "to", "caller_name", "direction"}
     for member in members:
         assert expected_fields | {"call_uuid", "join_time"} <= member.keys()
 
 
-def test_get_conference_that_ended_is_a_404(fake: FakePlivo, client: PlivoClient) -> None:
+def test_get_conference_that_ended_is_a_404(fake: FakePlivo, plivo_client: PlivoClient) -> None:
     fake.add_conference("room-1")
     fake.end_conference("room-1")
     with pytest.raises(PlivoError) as caught:
-        client.get_conference("room-1")
+        plivo_client.get_conference("room-1")
     assert (caught.value.status, caught.value.code) == (404, "not_found")
 
 
-def test_get_recording(fake: FakePlivo, client: PlivoClient) -> None:
+def test_get_recording(fake: FakePlivo, plivo_client: PlivoClient) -> None:
     fake.add_conference("room-1")
-    recording_id = client.start_recording("room-1", "mp3", CALLBACK_URL)["recording_id"]
+    recording_id = plivo_client.start_recording("room-1", "mp3", CALLBACK_URL)["recording_id"]
     callback = fake.finish_recording(recording_id, b"ID3 audio", duration_ms=345100)
 
-    recording = client.get_recording(recording_id)
+    recording = plivo_client.get_recording(recording_id)
     assert recording["recording_id"] == recording_id
     assert recording["conference_name"] == "room-1"
     assert recording["recording_type"] == "conference"
@@ -154,15 +158,15 @@ def test_get_recording(fake: FakePlivo, client: PlivoClient) -> None:
     assert fake.calls[-1] == ("GET", account_path(fake, f"Recording/{recording_id}/"), {})
 
 
-def test_get_unknown_recording_is_a_404(client: PlivoClient) -> None:
+def test_get_unknown_recording_is_a_404(plivo_client: PlivoClient) -> None:
     with pytest.raises(PlivoError) as caught:
-        client.get_recording("0b7d1c0e-0000-4000-8000-000000000000")
+        plivo_client.get_recording("0b7d1c0e-0000-4000-8000-000000000000")
     assert (caught.value.status, caught.value.code) == (404, "not_found")
 
 
 @pytest.mark.parametrize(("count", "pages"), [(0, 1), (7, 1), (20, 1), (40, 2), (45, 3)])
 def test_iter_recordings_follows_every_page(
-    fake: FakePlivo, client: PlivoClient, count: int, pages: int
+    fake: FakePlivo, plivo_client: PlivoClient, count: int, pages: int
 ) -> None:
     expected = {
         fake.finish_recording(f"rec-{number:03}", b"x", conference_name="big")["recording_id"]
@@ -171,7 +175,8 @@ def test_iter_recordings_follows_every_page(
     fake.finish_recording("rec-elsewhere", b"x", conference_name="other")
 
     found = [
-        recording["recording_id"] for recording in client.iter_recordings(conference_name="big")
+        recording["recording_id"]
+        for recording in plivo_client.iter_recordings(conference_name="big")
     ]
 
     assert sorted(found) == sorted(expected)
@@ -186,19 +191,21 @@ def test_iter_recordings_follows_every_page(
     ]
 
 
-def test_iter_recordings_passes_time_filters(fake: FakePlivo, client: PlivoClient) -> None:
+def test_iter_recordings_passes_time_filters(fake: FakePlivo, plivo_client: PlivoClient) -> None:
     fake.finish_recording("rec-1", b"x", conference_name="room-1")
     added = fake.recordings["rec-1"]["add_time"]
-    assert [r["recording_id"] for r in client.iter_recordings(add_time__gte=added)] == ["rec-1"]
-    assert list(client.iter_recordings(add_time__gt=added)) == []
+    assert [r["recording_id"] for r in plivo_client.iter_recordings(add_time__gte=added)] == [
+        "rec-1"
+    ]
+    assert list(plivo_client.iter_recordings(add_time__gt=added)) == []
 
 
 # --- errors ---------------------------------------------------------------------------------------
 
 
-def test_unknown_conference_is_a_404(fake: FakePlivo, client: PlivoClient) -> None:
+def test_unknown_conference_is_a_404(fake: FakePlivo, plivo_client: PlivoClient) -> None:
     with pytest.raises(PlivoError) as caught:
-        client.start_recording("nobody-here", "mp3", CALLBACK_URL)
+        plivo_client.start_recording("nobody-here", "mp3", CALLBACK_URL)
     assert (caught.value.status, caught.value.code) == (404, "not_found")
     assert fake.recordings == {}
 
@@ -206,74 +213,74 @@ def test_unknown_conference_is_a_404(fake: FakePlivo, client: PlivoClient) -> No
 @pytest.mark.parametrize("call", ["start", "get"])
 def test_wrong_token_is_a_502_plivo_auth(fake: FakePlivo, call: str) -> None:
     fake.add_conference("room-1")
-    client = PlivoClient(fake.auth_id, "not-the-token", base_url=fake.url)
+    plivo_client = PlivoClient(fake.auth_id, "not-the-token", base_url=fake.url)
     try:
         with pytest.raises(PlivoError) as caught:
             if call == "start":
-                client.start_recording("room-1", "mp3", CALLBACK_URL)
+                plivo_client.start_recording("room-1", "mp3", CALLBACK_URL)
             else:
-                client.get_conference("room-1")
+                plivo_client.get_conference("room-1")
     finally:
-        client.http.close()
+        plivo_client.http.close()
     assert (caught.value.status, caught.value.code) == (502, "plivo_auth")
     assert len(fake.calls) == 1  # a 401 is not retried
     assert fake.recordings == {}
 
 
-def test_forbidden_is_a_502_plivo_auth(fake: FakePlivo, client: PlivoClient) -> None:
+def test_forbidden_is_a_502_plivo_auth(fake: FakePlivo, plivo_client: PlivoClient) -> None:
     fake.api_faults.append(403)
     with pytest.raises(PlivoError) as caught:
-        client.get_recording("rec-1")
+        plivo_client.get_recording("rec-1")
     assert (caught.value.status, caught.value.code) == (502, "plivo_auth")
 
 
 @pytest.mark.parametrize("status", [500, 503])
 def test_server_error_on_post_is_a_502_and_not_retried(
-    fake: FakePlivo, client: PlivoClient, status: int
+    fake: FakePlivo, plivo_client: PlivoClient, status: int
 ) -> None:
     fake.add_conference("room-1")
     fake.api_faults.append(status)
     with pytest.raises(PlivoError) as caught:
-        client.start_recording("room-1", "mp3", CALLBACK_URL)
+        plivo_client.start_recording("room-1", "mp3", CALLBACK_URL)
     assert (caught.value.status, caught.value.code) == (502, "plivo_error")
     assert str(status) in caught.value.message
     assert [method for method, _, _ in fake.calls] == ["POST"]
     assert fake.recordings == {}
 
 
-def test_server_error_on_delete_is_not_retried(fake: FakePlivo, client: PlivoClient) -> None:
+def test_server_error_on_delete_is_not_retried(fake: FakePlivo, plivo_client: PlivoClient) -> None:
     fake.add_conference("room-1")
     fake.api_faults.append(500)
     with pytest.raises(PlivoError) as caught:
-        client.stop_recording("room-1")
+        plivo_client.stop_recording("room-1")
     assert (caught.value.status, caught.value.code) == (502, "plivo_error")
     assert len(fake.calls) == 1
 
 
-def test_server_error_on_get_is_retried(fake: FakePlivo, client: PlivoClient) -> None:
+def test_server_error_on_get_is_retried(fake: FakePlivo, plivo_client: PlivoClient) -> None:
     fake.add_conference("room-1")
     fake.api_faults.extend([500, 503])
-    assert client.get_conference("room-1")["conference_name"] == "room-1"
+    assert plivo_client.get_conference("room-1")["conference_name"] == "room-1"
     assert [method for method, _, _ in fake.calls] == ["GET", "GET", "GET"]
 
 
 def test_server_errors_on_get_give_up_after_three_tries(
-    fake: FakePlivo, client: PlivoClient
+    fake: FakePlivo, plivo_client: PlivoClient
 ) -> None:
     fake.add_conference("room-1")
     fake.api_faults.extend([500, 502, 503, 504])
     with pytest.raises(PlivoError) as caught:
-        client.get_conference("room-1")
+        plivo_client.get_conference("room-1")
     assert (caught.value.status, caught.value.code) == (502, "plivo_error")
     assert len(fake.calls) == 3
     assert fake.api_faults == [504]
 
 
-def test_iter_recordings_retries_a_failed_page(fake: FakePlivo, client: PlivoClient) -> None:
+def test_iter_recordings_retries_a_failed_page(fake: FakePlivo, plivo_client: PlivoClient) -> None:
     for number in range(25):
         fake.finish_recording(f"rec-{number:03}", b"x", conference_name="big")
     found = []
-    for recording in client.iter_recordings(conference_name="big"):
+    for recording in plivo_client.iter_recordings(conference_name="big"):
         if not found:
             fake.api_faults.append(500)  # the second page fails once
         found.append(recording["recording_id"])
@@ -283,47 +290,49 @@ def test_iter_recordings_retries_a_failed_page(fake: FakePlivo, client: PlivoCli
 
 @pytest.mark.parametrize("call", ["start", "get"])
 def test_connection_refused_is_a_502_plivo_unreachable(call: str) -> None:
-    client = PlivoClient("MAFAKEAUTHID", "fake-auth-token", f"http://127.0.0.1:{closed_port()}")
+    plivo_client = PlivoClient(
+        "MAFAKEAUTHID", "fake-auth-token", f"http://127.0.0.1:{closed_port()}"
+    )
     try:
         with pytest.raises(PlivoError) as caught:
             if call == "start":
-                client.start_recording("room-1", "mp3", CALLBACK_URL)
+                plivo_client.start_recording("room-1", "mp3", CALLBACK_URL)
             else:
-                client.get_conference("room-1")
+                plivo_client.get_conference("room-1")
     finally:
-        client.http.close()
+        plivo_client.http.close()
     assert (caught.value.status, caught.value.code) == (502, "plivo_unreachable")
 
 
 def test_stalled_post_is_a_504_plivo_timeout_and_not_retried(
-    fake: FakePlivo, client: PlivoClient, monkeypatch: pytest.MonkeyPatch
+    fake: FakePlivo, plivo_client: PlivoClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(webhook.plivo, "DEFAULT_TIMEOUT", FAST_TIMEOUT)
     fake.add_conference("room-1")
     fake.api_faults.append("stall")
     with pytest.raises(PlivoError) as caught:
-        client.start_recording("room-1", "mp3", CALLBACK_URL)
+        plivo_client.start_recording("room-1", "mp3", CALLBACK_URL)
     assert (caught.value.status, caught.value.code) == (504, "plivo_timeout")
     assert len(fake.calls) == 1
 
 
 def test_stalled_gets_are_a_504_plivo_timeout(
-    fake: FakePlivo, client: PlivoClient, monkeypatch: pytest.MonkeyPatch
+    fake: FakePlivo, plivo_client: PlivoClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(webhook.plivo, "DEFAULT_TIMEOUT", FAST_TIMEOUT)
     fake.add_conference("room-1")
     fake.api_faults.extend(["stall", "stall", "stall"])
     with pytest.raises(PlivoError) as caught:
-        client.get_conference("room-1")
+        plivo_client.get_conference("room-1")
     assert (caught.value.status, caught.value.code) == (504, "plivo_timeout")
     assert len(fake.calls) == 3
 
 
 def test_one_stalled_get_is_retried(
-    fake: FakePlivo, client: PlivoClient, monkeypatch: pytest.MonkeyPatch
+    fake: FakePlivo, plivo_client: PlivoClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(webhook.plivo, "DEFAULT_TIMEOUT", FAST_TIMEOUT)
     fake.add_conference("room-1")
     fake.api_faults.append("stall")
-    assert client.get_conference("room-1")["conference_name"] == "room-1"
+    assert plivo_client.get_conference("room-1")["conference_name"] == "room-1"
     assert len(fake.calls) == 2

@@ -53,10 +53,8 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app = Flask(__name__, instance_relative_config=True)
     test_config = test_config or {}
     settings: Settings = test_config.get("SETTINGS") or load(app.instance_path)
-    app.config.update(
-        MAX_CONTENT_LENGTH=settings.max_callback_bytes,
-        JSON_SORT_KEYS=False,
-    )
+    app.config.update(MAX_CONTENT_LENGTH=settings.max_callback_bytes)
+    app.json.sort_keys = False  # type: ignore[attr-defined]  # DefaultJSONProvider has it
     app.config.update({k: v for k, v in test_config.items() if k != "SETTINGS"})
     if settings.database_url.startswith("sqlite") or settings.archive_url.startswith("file:"):
         # The embedded defaults live in the instance folder.

@@ -212,3 +212,14 @@ def verify() -> None:
     click.echo(f"verify: {len(rows)} object(s) checked, {bad} mismatch(es)")
     if bad:
         sys.exit(1)
+
+
+@cli.command("demo", with_appcontext=False)
+@click.option("--port", default=5000, show_default=True, help="Port to serve on.")
+@click.option("--no-serve", is_flag=True, help="Exit after showing the recording.")
+def demo(port: int, no_serve: bool) -> None:
+    """Run the service on its embedded defaults and push one signed recording through it."""
+    from webhook.demo import run_demo
+
+    if not run_demo(port, serve=not no_serve):
+        sys.exit(1)

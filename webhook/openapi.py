@@ -352,7 +352,7 @@ def openapi_document() -> dict[str, Any]:
                             "content": {"audio/mpeg": {}, "audio/wav": {}},
                         },
                         "302": {
-                            "description": "Redirect to a presigned S3 URL (valid 5 minutes at most)"
+                            "description": "Redirect to a presigned S3 URL (5 minutes at most)"
                         },
                         "404": _error("No such recording"),
                         "409": _error("Not archived yet"),

@@ -1,0 +1,166 @@
+"""Running the Procfile's commands as real processes, for the end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+import requests
+
+# Variables the service (or gunicorn, Flask, boto3) reads: the tests set each one they need, and
+# nothing from the developer's own shell may leak into the processes under test.
+SERVICE_ENV_PREFIXES = ("AWS_", "PLIVO_", "FLASK_", "ARCHIVE_", "GUNICORN")
+SERVICE_ENV_NAMES = {
+    "DATABASE_URL",
+    "PUBLIC_URL",
+    "RECORDING_HOSTS",
+    "RETENTION_DAYS",
+    "OBJECT_LOCK_MODE",
+    "NONCE_TTL_SECONDS",
+    "MAX_CALLBACK_BYTES",
+    "PRESIGN_SECONDS",
+    "PORT",
+    "WEB_CONCURRENCY",
+    "PYTHONPATH",
+}
+
+
+def read_procfile(path: Path) -> dict[str, str]:
+    """The process types of a Procfile and their commands."""
+    commands: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, command = line.partition(":")
+        if not sep:
+            raise ValueError(f"{path}: not a `type: command` line: {line!r}")
+        commands[name.strip()] = command.strip()
+    return commands
+
+
+def process_env(bin_dir: Path, settings: Mapping[str, str]) -> dict[str, str]:
+    """The environment the platform would give the processes: `settings`, and `bin_dir` on PATH."""
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in SERVICE_ENV_NAMES and not key.startswith(SERVICE_ENV_PREFIXES)
+    }
+    env["PATH"] = os.pathsep.join([str(bin_dir), env.get("PATH", os.defpath)])
+    # Block-buffered stdout would lose the last log lines of a process that had to be killed.
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(settings)
+    return env
+
+
+class Process:
+    """A long-running command in its own process group, its output going to a file."""
+
+    def __init__(self, name: str, command: str, env: Mapping[str, str], cwd: Path, logs: Path):
+        self.name = name
+        self.command = command
+        self.log_path = logs / f"{name}.log"
+        with self.log_path.open("wb") as log:
+            self.popen = subprocess.Popen(
+                ["bash", "-c", command],
+                env=dict(env),
+                cwd=cwd,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own group, so the signal reaches its children
+            )
+
+    @property
+    def running(self) -> bool:
+        return self.popen.poll() is None
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, grace_seconds: float = 15.0) -> int:
+        """SIGTERM the process group, wait for it, SIGKILL it if it will not go; its exit code."""
+        if self.running:
+            self._signal(signal.SIGTERM)
+            try:
+                return self.popen.wait(timeout=grace_seconds)
+            except subprocess.TimeoutExpired:
+                self._signal(signal.SIGKILL)
+        code = self.popen.wait(timeout=grace_seconds)
+        # A child that outlived its parent would still be in the group.
+        self._signal(signal.SIGKILL)
+        return code
+
+    def _signal(self, signum: int) -> None:
+        try:
+            os.killpg(self.popen.pid, signum)
+        except ProcessLookupError:
+            pass
+
+
+def run(command: list[str], env: Mapping[str, str], cwd: Path, timeout: float = 60.0) -> str:
+    """Run a command to completion; its stdout, or AssertionError with its output on failure."""
+    done = subprocess.run(
+        command,
+        env=dict(env),
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert done.returncode == 0, (
+        f"{' '.join(command)} exited {done.returncode}\n"
+        f"--- stdout ---\n{done.stdout}\n--- stderr ---\n{done.stderr}"
+    )
+    return done.stdout
+
+
+class Deployment:
+    """The web and worker processes of one deployment, and their logs."""
+
+    def __init__(self, base_url: str, processes: list[Process]) -> None:
+        self.base_url = base_url
+        self.processes = processes
+
+    def logs(self) -> str:
+        return "\n".join(
+            f"===== {p.name} ({p.command}) exit={p.popen.poll()} =====\n{p.output()}"
+            for p in self.processes
+        )
+
+    def wait_until_healthy(self, timeout: float = 30.0) -> None:
+        """Poll GET /healthz until it answers 200; fail at once if a process dies."""
+        deadline = time.monotonic() + timeout
+        last = "no answer"
+        while time.monotonic() < deadline:
+            dead = [p.name for p in self.processes if not p.running]
+            assert not dead, f"{', '.join(dead)} exited while starting\n{self.logs()}"
+            try:
+                response = requests.get(self.base_url + "/healthz", timeout=10)
+                if response.status_code == 200:
+                    return
+                last = f"{response.status_code} {response.text}"
+            except requests.RequestException as exc:
+                last = str(exc)
+            time.sleep(0.1)
+        raise AssertionError(f"/healthz not 200 after {timeout} s: {last}\n{self.logs()}")
+
+    @contextmanager
+    def logs_on_failure(self) -> Iterator[None]:
+        """Print every process's output when the block fails, so a red test can be debugged."""
+        try:
+            yield
+        except BaseException:
+            print(self.logs())
+            raise
+
+    def stop(self) -> None:
+        for process in self.processes:
+            process.stop()

@@ -1,0 +1,243 @@
+"""End to end: the Procfile's processes (release, gunicorn, the worker) against S3 and Plivo fakes.
+
+Nothing here runs in-process: the service is started the way the platform starts it, reached over
+HTTP, and managed with the real `webhook` command. Plivo signs the public https URL while the
+socket is plain http, as behind a TLS-terminating router.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, quote, urlsplit
+
+import pytest
+import requests
+from sqlalchemy import select
+
+from tests.conftest import CALLBACK_URL, PUBLIC_URL, free_port
+from tests.fakeplivo import FakePlivo
+from tests.processes import Deployment, Process, process_env, read_procfile, run
+from webhook.db import make_engine
+from webhook.models import CallbackLog, Recording
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+CONFERENCE = "Trading Desk 7"
+CALLER = "+14155550101"
+AUDIO_BYTES = 20 * 1024 * 1024  # above the 16 MiB part size: the upload is multipart
+ARCHIVE_TIMEOUT = 60.0
+
+
+@pytest.fixture
+def env(database_url: str, bucket: str, s3_endpoint: str, plivo: FakePlivo) -> dict[str, str]:
+    """The deployment's environment, as an operator would configure it on the platform."""
+    return process_env(
+        BIN,
+        {
+            "DATABASE_URL": database_url,
+            "ARCHIVE_URL": f"s3://{bucket}/archive",
+            "AWS_ENDPOINT_URL": s3_endpoint,
+            **{k: os.environ[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")},
+            "AWS_DEFAULT_REGION": os.environ["AWS_DEFAULT_REGION"],
+            "PLIVO_AUTH_ID": plivo.auth_id,
+            "PLIVO_AUTH_TOKEN": plivo.auth_token,
+            "PLIVO_API_URL": plivo.url,
+            "PUBLIC_URL": PUBLIC_URL,
+            "RECORDING_HOSTS": "127.0.0.1",
+            "ARCHIVE_RETRY_BASE_SECONDS": "1",
+            "PORT": str(free_port()),
+            "WEB_CONCURRENCY": "2",
+        },
+    )
+
+
+@pytest.fixture
+def deployment(env: dict[str, str], s3: Any, bucket: str, tmp_path: Path) -> Iterator[Deployment]:
+    """`release`, then `web` and `worker` running, and /healthz answering 200."""
+    # Versioned, so that an object written twice shows up as two versions.
+    s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    procfile = read_procfile(ROOT / "Procfile")
+    run(["bash", "-c", procfile["release"]], env, ROOT)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    processes: list[Process] = []
+    service = Deployment(f"http://127.0.0.1:{env['PORT']}", processes)
+    try:
+        for kind in ("web", "worker"):
+            processes.append(Process(kind, procfile[kind], env, ROOT, logs))
+        service.wait_until_healthy()
+        yield service
+    finally:
+        service.stop()
+
+
+def staff_token(env: dict[str, str], name: str, role: str) -> str:
+    """A token made by the real command; it prints the token alone on its last line."""
+    output = run(["webhook", "staff", "add", name, "--role", role], env, ROOT)
+    return output.strip().splitlines()[-1]
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def wait_for_archive(base_url: str, recording_id: str, headers: dict[str, str]) -> dict[str, Any]:
+    """Poll the API until the recording is archived (or failed, which fails the test)."""
+    deadline = time.monotonic() + ARCHIVE_TIMEOUT
+    body: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        response = requests.get(f"{base_url}/api/recordings/{recording_id}", headers=headers)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        if body["status"] == "archived":
+            return body
+        assert body["status"] != "failed", body
+        time.sleep(0.2)
+    raise AssertionError(f"{recording_id} not archived after {ARCHIVE_TIMEOUT} s: {body}")
+
+
+def count_rows(database_url: str, model: Any, recording_id: str) -> list[Any]:
+    """The rows of `model` about one recording, read straight from the database."""
+    engine = make_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            return list(conn.execute(select(model).where(model.recording_id == recording_id)))
+    finally:
+        engine.dispose()
+
+
+def object_versions(s3: Any, bucket: str, key: str) -> list[dict[str, Any]]:
+    listed = s3.list_object_versions(Bucket=bucket, Prefix=key)
+    return [v for v in listed.get("Versions", []) if v["Key"] == key]
+
+
+def test_procfile_processes_archive_a_conference_recording_end_to_end(
+    deployment: Deployment,
+    env: dict[str, str],
+    plivo: FakePlivo,
+    s3: Any,
+    bucket: str,
+    database_url: str,
+) -> None:
+    base = deployment.base_url
+    public_callback = CALLBACK_URL  # what Plivo signs; the socket below is plain http
+    socket_callback = f"{base}/plivo/recording"
+    with deployment.logs_on_failure():
+        operator = bearer(staff_token(env, "ops", "operator"))
+        compliance = bearer(staff_token(env, "auditor", "compliance"))
+
+        # --- an operator records a live conference ----------------------------------------------
+        plivo.add_conference(
+            CONFERENCE,
+            members=[
+                {"from": CALLER, "to": "+14155550100", "caller_name": "Dana", "direction": "inbound"},
+                {"from": "+442071838750", "to": "+14155550100", "direction": "inbound"},
+            ],
+        )
+        started = requests.post(
+            f"{base}/api/conferences/{quote(CONFERENCE)}/recording", headers=operator, json={}
+        )
+        assert started.status_code == 201, started.text
+        recording_id = started.json()["recording_id"]
+        assert CALLER in [p["from"] for p in started.json()["participants"]]
+        assert started.json()["status"] == "recording"
+
+        # --- Plivo finishes it and calls back; the worker archives it -----------------------------
+        audio = os.urandom(AUDIO_BYTES)
+        params = plivo.finish_recording(recording_id, audio, duration_ms=65_000)
+        callback = plivo.send_callback(socket_callback, params, sign_url=public_callback)
+        assert callback.status_code == 200, callback.text
+        assert callback.json() == {"status": "accepted", "recording_id": recording_id}
+
+        archived = wait_for_archive(base, recording_id, compliance)
+        assert archived["conference_name"] == CONFERENCE
+        assert archived["duration_ms"] == 65_000
+        assert archived["attempts"] == 1, archived
+        assert archived["last_error"] is None
+        archive = archived["archive"]
+        digest = hashlib.sha256(audio).hexdigest()
+        assert archive["sha256"] == digest
+        assert archive["size"] == len(audio)
+        assert archive["key"].startswith("archive/recordings/")
+        assert archive["key"].endswith(f"/{recording_id}.mp3")
+
+        stored = s3.get_object(Bucket=bucket, Key=archive["key"])
+        stored_bytes = stored["Body"].read()
+        assert stored_bytes == audio
+        assert hashlib.sha256(stored_bytes).hexdigest() == digest
+        assert stored["ETag"].strip('"').endswith("-2"), "expected a two-part multipart upload"
+        assert s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+
+        # --- compliance finds it by a participant, however the number is written ------------------
+        found = requests.get(
+            f"{base}/api/recordings?participant={quote('+1 (415) 555-0101', safe='')}",
+            headers=compliance,
+        )
+        assert found.status_code == 200, found.text
+        assert [r["recording_id"] for r in found.json()["recordings"]] == [recording_id]
+
+        # --- and plays it through a short-lived presigned link ------------------------------------
+        audio_link = requests.get(
+            f"{base}/api/recordings/{recording_id}/audio", headers=compliance, allow_redirects=False
+        )
+        assert audio_link.status_code == 302, audio_link.text
+        presigned = audio_link.headers["Location"]
+        assert presigned.startswith(env["AWS_ENDPOINT_URL"] + "/"), presigned
+        assert int(parse_qs(urlsplit(presigned).query)["X-Amz-Expires"][0]) <= 300
+        played = requests.get(presigned, timeout=30)
+        assert played.status_code == 200, played.text[:500]
+        assert played.content == audio
+
+        # --- a forged callback is refused and leaves nothing behind ------------------------------
+        forged_id = f"forged-{recording_id}"
+        forged_params = plivo.finish_recording(forged_id, b"forged", conference_name=CONFERENCE)
+        forged = plivo.send_callback(
+            socket_callback, forged_params, auth_token="not-the-token", sign_url=public_callback
+        )
+        assert forged.status_code == 403, forged.text
+        assert forged.json()["error"] == "bad_signature"
+        missing = requests.get(f"{base}/api/recordings/{forged_id}", headers=compliance)
+        assert missing.status_code == 404, missing.text
+        assert count_rows(database_url, Recording, forged_id) == []
+        assert count_rows(database_url, CallbackLog, forged_id) == []
+
+        # --- Plivo delivers a callback twice: one row, one archived object ------------------------
+        retried_id = f"xml-{recording_id}"
+        retried_audio = os.urandom(1024 * 1024)
+        retried_params = plivo.finish_recording(
+            retried_id, retried_audio, conference_name=CONFERENCE
+        )
+        answers = [
+            plivo.send_callback(socket_callback, retried_params, sign_url=public_callback)
+            for _ in range(2)  # a fresh nonce each time, as Plivo's own retry sends
+        ]
+        assert [a.status_code for a in answers] == [200, 200], [a.text for a in answers]
+        assert [a.json()["status"] for a in answers] == ["accepted", "duplicate"]
+
+        retried = wait_for_archive(base, retried_id, compliance)
+        assert retried["archive"]["sha256"] == hashlib.sha256(retried_audio).hexdigest()
+        assert len(count_rows(database_url, Recording, retried_id)) == 1
+        logged = count_rows(database_url, CallbackLog, retried_id)
+        assert sorted(row.duplicate for row in logged) == [False, True]
+        retried_key = retried["archive"]["key"]
+        assert len(object_versions(s3, bucket, retried_key)) == 1
+        listed = s3.list_objects_v2(Bucket=bucket, Prefix=retried_key).get("Contents", [])
+        assert [o["Key"] for o in listed] == [retried_key]
+
+        # --- everything is still up, each object written once ------------------------------------
+        assert len(object_versions(s3, bucket, archive["key"])) == 1
+        assert len(object_versions(s3, bucket, retried_key)) == 1
+        for process in deployment.processes:
+            assert process.running, f"{process.name} exited"
+        web_log = deployment.processes[0].output()
+        assert web_log.count("Booting worker") == 2, "WEB_CONCURRENCY=2 should give two workers"
+        for process in deployment.processes:
+            assert "Traceback" not in process.output(), f"{process.name} logged a traceback"
