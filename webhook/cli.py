@@ -16,7 +16,7 @@ from sqlalchemy import select
 from tqdm import tqdm
 
 from webhook import create_app, logs, services
-from webhook.archive.storage import StorageError, archive_prefix
+from webhook.archive.storage import ObjectLockMissing, StorageError, archive_prefix
 from webhook.archive.worker import Worker
 from webhook.auth import add_staff, revoke_staff
 from webhook.db import transaction, upgrade
@@ -57,6 +57,14 @@ def db_upgrade(revision: str) -> None:
 def worker(once: bool) -> None:
     """Run the archive worker (SIGTERM finishes or gives back the current job, then exits)."""
     logs.configure()
+    svc = services(current_app)
+    try:
+        # Refuse to start rather than archive without the retention the operator asked for.
+        svc.storage.check()
+    except ObjectLockMissing as exc:
+        raise click.ClickException(str(exc)) from None
+    except StorageError as exc:
+        click.echo(f"warning: archive not reachable yet ({exc}); retrying per job", err=True)
     stop = threading.Event()
 
     def _stop(signum: int, _frame: object) -> None:
@@ -64,7 +72,7 @@ def worker(once: bool) -> None:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    done = Worker(services(current_app), stop).run(once=once)
+    done = Worker(svc, stop).run(once=once)
     if once:
         click.echo(f"archive worker ran {done} job(s)")
 

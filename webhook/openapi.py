@@ -48,24 +48,31 @@ CONFERENCE_NAME = {
     "name": "name",
     "in": "path",
     "required": True,
-    "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+    "schema": {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": 255,
+        "pattern": "^[^\\u0000-\\u001f\\u007f-\\u009f]+$",
+    },
 }
 NULLABLE_STRING = {"type": ["string", "null"]}
+TEXT = {"type": "string", "maxLength": 255}
+STRING = {"type": "string"}
 NULLABLE_INT = {"type": ["integer", "null"]}
 
 FILTER_PARAMS = [
-    _query("conference", "Exact conference name", {"type": "string"}),
-    _query("conference_prefix", "Conference names starting with this", {"type": "string"}),
+    _query("conference", "Exact conference name", TEXT),
+    _query("conference_prefix", "Conference names starting with this", TEXT),
     _query(
         "participant",
         "A member's from/to, formatting ignored (+1 (415) 555-0101 = 14155550101; sip: addresses)",
-        {"type": "string"},
+        TEXT,
     ),
-    _query("since", "Recording start at or after (ISO-8601; UTC if no zone)", {"type": "string"}),
-    _query("until", "Recording start before (ISO-8601; UTC if no zone)", {"type": "string"}),
+    _query("since", "Recording start at or after (ISO-8601; UTC if no zone)", TEXT),
+    _query("until", "Recording start before (ISO-8601; UTC if no zone)", TEXT),
     _query("status", "Archive state", {"type": "string", "enum": [s.value for s in Status]}),
-    _query("min_duration", "Seconds, at least", {"type": "number", "minimum": 0}),
-    _query("max_duration", "Seconds, at most", {"type": "number", "minimum": 0}),
+    _query("min_duration", "Seconds, at least", {"type": "number", "minimum": 0, "maximum": 1e9}),
+    _query("max_duration", "Seconds, at most", {"type": "number", "minimum": 0, "maximum": 1e9}),
     _query("legal_hold", "Under legal hold or not", {"type": "string", "enum": ["true", "false"]}),
 ]
 PAGE_PARAMS = [
@@ -74,7 +81,7 @@ PAGE_PARAMS = [
         f"Page size, 1 to {MAX_LIMIT} (default 50)",
         {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT},
     ),
-    _query("cursor", "next_cursor from the previous page", {"type": "string"}),
+    _query("cursor", "next_cursor from the previous page", TEXT),
 ]
 
 SCHEMAS: dict[str, Any] = {
@@ -104,7 +111,7 @@ SCHEMAS: dict[str, Any] = {
     "Archive": {
         "type": ["object", "null"],
         "properties": {
-            "key": {"type": "string"},
+            "key": STRING,
             "size": {"type": "integer"},
             "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
             "version_id": NULLABLE_STRING,
@@ -115,7 +122,7 @@ SCHEMAS: dict[str, Any] = {
         "type": "object",
         "required": ["recording_id", "status", "start_ms", "attempts", "legal_hold"],
         "properties": {
-            "recording_id": {"type": "string"},
+            "recording_id": STRING,
             "conference_name": NULLABLE_STRING,
             "status": {"type": "string", "enum": [s.value for s in Status]},
             "file_format": NULLABLE_STRING,
@@ -152,11 +159,11 @@ SCHEMAS: dict[str, Any] = {
             "at": {"type": "string", "format": "date-time"},
             "staff": NULLABLE_STRING,
             "role": NULLABLE_STRING,
-            "method": {"type": "string"},
-            "path": {"type": "string"},
-            "query": {"type": "string"},
+            "method": STRING,
+            "path": STRING,
+            "query": STRING,
             "status": {"type": "integer"},
-            "recording_ids": {"type": "array", "items": {"type": "string"}},
+            "recording_ids": {"type": "array", "items": STRING},
             "remote_addr": NULLABLE_STRING,
             "user_agent": NULLABLE_STRING,
             "request_id": NULLABLE_STRING,
@@ -174,14 +181,14 @@ SCHEMAS: dict[str, Any] = {
         "type": "object",
         "properties": {
             "status": {"type": "string", "enum": ["accepted", "duplicate"]},
-            "recording_id": {"type": "string"},
+            "recording_id": STRING,
         },
     },
     "Health": {
         "type": "object",
         "properties": {
             "status": {"type": "string", "enum": ["ok", "unavailable"]},
-            "checks": {"type": "object", "additionalProperties": {"type": "string"}},
+            "checks": {"type": "object", "additionalProperties": STRING},
         },
     },
 }
@@ -190,14 +197,14 @@ CALLBACK_FIELDS = {
     "type": "object",
     "required": ["recording_id", "record_url"],
     "properties": {
-        "api_id": {"type": "string"},
-        "record_url": {"type": "string"},
-        "recording_id": {"type": "string"},
-        "conference_name": {"type": "string"},
-        "recording_duration": {"type": "string"},
-        "recording_duration_ms": {"type": "string"},
-        "recording_start_ms": {"type": "string"},
-        "recording_end_ms": {"type": "string"},
+        "api_id": STRING,
+        "record_url": STRING,
+        "recording_id": STRING,
+        "conference_name": STRING,
+        "recording_duration": STRING,
+        "recording_duration_ms": STRING,
+        "recording_start_ms": STRING,
+        "recording_end_ms": STRING,
     },
 }
 
@@ -210,9 +217,9 @@ def _callback_operation(method: str) -> dict[str, Any]:
         "Field names in snake_case (Record API) or CamelCase (Conference XML).",
         "security": [],
         "parameters": [
-            {"name": "X-Plivo-Signature-V3", "in": "header", "schema": {"type": "string"}},
-            {"name": "X-Plivo-Signature-Ma-V3", "in": "header", "schema": {"type": "string"}},
-            {"name": "X-Plivo-Signature-V3-Nonce", "in": "header", "schema": {"type": "string"}},
+            {"name": "X-Plivo-Signature-V3", "in": "header", "schema": TEXT},
+            {"name": "X-Plivo-Signature-Ma-V3", "in": "header", "schema": TEXT},
+            {"name": "X-Plivo-Signature-V3-Nonce", "in": "header", "schema": TEXT},
         ],
         "responses": {
             "200": _json(
@@ -324,8 +331,8 @@ def openapi_document() -> dict[str, Any]:
                         "200": {
                             "description": "The rows, streamed",
                             "content": {
-                                "text/csv": {"schema": {"type": "string"}},
-                                "application/x-ndjson": {"schema": {"type": "string"}},
+                                "text/csv": {"schema": STRING},
+                                "application/x-ndjson": {"schema": STRING},
                             },
                         },
                         "400": _error("A parameter is malformed; the code names it"),
@@ -394,14 +401,14 @@ def openapi_document() -> dict[str, Any]:
                     "tags": ["admin"],
                     "summary": "The access log, newest first (admin)",
                     "parameters": [
-                        _query("staff", "Staff name", {"type": "string"}),
+                        _query("staff", "Staff name", TEXT),
                         _query(
                             "recording_id",
                             "Requests that showed or touched this recording",
-                            {"type": "string"},
+                            TEXT,
                         ),
-                        _query("since", "At or after (ISO-8601)", {"type": "string"}),
-                        _query("until", "Before (ISO-8601)", {"type": "string"}),
+                        _query("since", "At or after (ISO-8601)", TEXT),
+                        _query("until", "Before (ISO-8601)", TEXT),
                         *PAGE_PARAMS,
                     ],
                     "responses": {

@@ -19,6 +19,7 @@ from webhook.db import rowcount
 from webhook.errors import BadParameter
 from webhook.models import Participant, Recording, Status, utcnow
 
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 RECORDING_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 MAX_DURATION_MS = 7 * 24 * 3600 * 1000  # a week: anything longer is not a real recording
 EPOCH_MS_RANGE = (946684800000, 4102444800000)  # 2000-01-01 .. 2100-01-01
@@ -79,8 +80,9 @@ def _number_ms(
         raise BadParameter(name, f"{name} must be a number, got {raw[:40]!r}") from None
     if not number.is_finite():
         raise BadParameter(name, f"{name} must be a finite number")
-    value = int(number * scale)
-    if not bounds[0] <= value <= bounds[1]:
+    # A huge exponent ("1e999999999") would overflow the decimal context or build a giant int.
+    value = int(number * scale) if number.adjusted() <= 18 else None
+    if value is None or not bounds[0] <= value <= bounds[1]:
         raise BadParameter(name, f"{name} is out of range: {raw[:40]}")
     return value
 

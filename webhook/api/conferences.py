@@ -12,7 +12,7 @@ from webhook.db import request_session
 from webhook.errors import APIError, BadParameter
 from webhook.models import Role
 from webhook.plivo import PlivoError
-from webhook.recordings import FILE_FORMATS, record_start, to_json
+from webhook.recordings import CONTROL_CHARACTERS, FILE_FORMATS, record_start, to_json
 
 bp = Blueprint("conferences", __name__)
 
@@ -21,9 +21,9 @@ CALLBACK_RETRY_FRAGMENT = "#rc=5&rp=all"
 
 
 def _conference_name(name: str) -> str:
-    if not name.strip() or len(name) > 255 or not name.isprintable():
+    if not 1 <= len(name) <= 255 or CONTROL_CHARACTERS.search(name):
         raise BadParameter(
-            "conference_name", "conference name must be 1 to 255 printable characters"
+            "conference_name", "conference name must be 1 to 255 characters, none of them control"
         )
     return name
 
