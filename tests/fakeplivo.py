@@ -5,11 +5,12 @@ from __future__ import annotations
 import base64
 import hmac
 import json
+import operator
 import secrets
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
@@ -17,7 +18,7 @@ from urllib.parse import unquote, urlencode, urlsplit
 
 import requests
 from plivo.utils.signature_v3 import construct_get_url, construct_post_url, get_signature_v3
-from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
+from werkzeug.serving import BaseWSGIServer, ThreadedWSGIServer, WSGIRequestHandler, make_server
 from werkzeug.wrappers import Request, Response
 
 DEFAULT_AUTH_ID = "MAFAKEAUTHID"
@@ -43,11 +44,11 @@ RECORDING_API_FIELDS = (
     "recording_end_ms",
     "resource_uri",
 )
-ADD_TIME_FILTERS = {
-    "add_time__gt": lambda added, bound: added > bound,
-    "add_time__gte": lambda added, bound: added >= bound,
-    "add_time__lt": lambda added, bound: added < bound,
-    "add_time__lte": lambda added, bound: added <= bound,
+ADD_TIME_FILTERS: dict[str, Callable[[datetime, datetime], bool]] = {
+    "add_time__gt": operator.gt,
+    "add_time__gte": operator.ge,
+    "add_time__lt": operator.lt,
+    "add_time__lte": operator.le,
 }
 
 CallbackParams = Mapping[str, str | Sequence[str]]
@@ -99,7 +100,8 @@ class FakePlivo:
             "127.0.0.1", 0, self._wsgi_app, threaded=True, request_handler=_QuietRequestHandler
         )
         # Non-daemon handler threads are joined by server_close(), so stop() leaves nothing running.
-        server.daemon_threads = False
+        if isinstance(server, ThreadedWSGIServer):
+            server.daemon_threads = False
         self._server = server
         self.url = f"http://127.0.0.1:{server.port}"
         self._thread = threading.Thread(

@@ -93,7 +93,7 @@ def test_start_recording_rejected_by_plivo_is_a_400(
 def test_stop_recording(fake: FakePlivo, plivo_client: PlivoClient) -> None:
     fake.add_conference("room-1")
     recording_id = plivo_client.start_recording("room-1", "mp3", CALLBACK_URL)["recording_id"]
-    assert plivo_client.stop_recording("room-1") is None
+    plivo_client.stop_recording("room-1")
     assert fake.calls[-1] == ("DELETE", account_path(fake, "Conference/room-1/Record/"), {})
     assert fake.recordings[recording_id]["state"] == "stopped"
 
@@ -279,7 +279,7 @@ def test_server_errors_on_get_give_up_after_three_tries(
 def test_iter_recordings_retries_a_failed_page(fake: FakePlivo, plivo_client: PlivoClient) -> None:
     for number in range(25):
         fake.finish_recording(f"rec-{number:03}", b"x", conference_name="big")
-    found = []
+    found: list[str] = []
     for recording in plivo_client.iter_recordings(conference_name="big"):
         if not found:
             fake.api_faults.append(500)  # the second page fails once

@@ -298,7 +298,6 @@ def test_known_disagreement_with_the_sdk(method: str, url: str, params: Params) 
     assert signature_base(method, url, params) == sdk_base(method, url, params)
 
 
-@pytest.mark.xfail(strict=True, reason="a str value is iterated as characters by webhook.plivo")
 def test_flat_string_values_are_read_like_the_sdk_does() -> None:
     flat = {"recording_id": "93bc7c6a", "conference_name": "My Conf Room"}
     header = plivo_signature("POST", CALLBACK_URL, flat)
@@ -313,7 +312,7 @@ RAW_QUERY_ALPHABET = "abcAB019=&+-_.~!*'(),:@/? "
 # No ";" (the SDK drops ";params"), "?", "#" or "/" inside a path segment.
 PATH_ALPHABET = string.ascii_letters + string.digits + "-._~!$&'()*+,=:@%"
 
-any_text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=8)
+any_text = st.text(st.characters(exclude_categories=["Cs"]), max_size=8)
 ascii_text = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=8)
 # A small alphabet so that keys often collide: between the URL's query and the params, and
 # between "key+value" concatenations in a POST body.
@@ -346,7 +345,7 @@ def callback_urls(draw: st.DrawFn) -> str:
 nonces = st.one_of(
     st.text(string.digits, min_size=20, max_size=20), st.text(string.ascii_letters, max_size=24)
 )
-tokens = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=40)
+tokens = st.text(st.characters(exclude_categories=["Cs"]), min_size=1, max_size=40)
 methods = st.sampled_from(["GET", "POST"])
 
 

@@ -10,6 +10,7 @@ from typing import Any
 from urllib.parse import parse_qsl, quote, urlsplit, urlunsplit
 
 import requests
+import urllib3.exceptions
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
@@ -55,6 +56,15 @@ class PlivoClient:
             response = self.http.request(method, url, timeout=DEFAULT_TIMEOUT, **kwargs)
         except requests.Timeout:
             raise PlivoError(504, "plivo_timeout", "Plivo did not answer in time") from None
+        except requests.ConnectionError as exc:
+            # After the GET retries run out on read timeouts, requests raises ConnectionError
+            # wrapping urllib3's MaxRetryError(reason=ReadTimeoutError): still a timeout.
+            reason = getattr(exc.args[0] if exc.args else None, "reason", None)
+            if isinstance(reason, urllib3.exceptions.ReadTimeoutError):
+                raise PlivoError(504, "plivo_timeout", "Plivo did not answer in time") from None
+            raise PlivoError(
+                502, "plivo_unreachable", f"Plivo could not be reached: {exc}"
+            ) from None
         except requests.RequestException as exc:
             raise PlivoError(
                 502, "plivo_unreachable", f"Plivo could not be reached: {exc}"
@@ -138,12 +148,14 @@ SIGNATURE_HEADERS = {
 }
 NONCE_HEADER = "X-Plivo-Signature-V3-Nonce"
 
-Params = Mapping[str, Sequence[str]]
+Params = Mapping[str, Sequence[str] | str]
 
 
 def _sorted_pairs(params: Params) -> Iterable[tuple[str, str]]:
     for key in sorted(params):
-        for value in sorted(params[key]):
+        values = params[key]
+        # A plain string is one value, not a sequence of characters.
+        for value in sorted([values] if isinstance(values, str) else values):
             yield key, value
 
 
@@ -160,7 +172,7 @@ def signature_base(method: str, url: str, params: Params) -> str:
         url_query.setdefault(key, []).append(value)
     if method.upper() == "GET":
         # The query in the URL wins over a param of the same name, as in Plivo's SDKs.
-        merged = {**{k: list(v) for k, v in params.items()}, **url_query}
+        merged: dict[str, Sequence[str] | str] = {**params, **url_query}
         query = "&".join(f"{k}={v}" for k, v in _sorted_pairs(merged))
         return f"{base}?{query}" if query else base
     query = "&".join(f"{k}={v}" for k, v in _sorted_pairs(url_query))
