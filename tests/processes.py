@@ -7,7 +7,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import requests
@@ -27,6 +27,7 @@ SERVICE_ENV_NAMES = {
     "PORT",
     "WEB_CONCURRENCY",
     "PYTHONPATH",
+    "XDG_RUNTIME_DIR",
 }
 
 
@@ -44,8 +45,13 @@ def read_procfile(path: Path) -> dict[str, str]:
     return commands
 
 
-def process_env(bin_dir: Path, settings: Mapping[str, str]) -> dict[str, str]:
-    """The environment the platform would give the processes: `settings`, and `bin_dir` on PATH."""
+def process_env(bin_dir: Path, home: Path, settings: Mapping[str, str]) -> dict[str, str]:
+    """The environment the platform would give the processes: `settings`, `bin_dir` on PATH.
+
+    HOME is a fresh folder, as on a dyno: no ~/.aws of the developer's, and gunicorn's control
+    socket ($HOME/.gunicorn/gunicorn.ctl) is not shared with any other gunicorn running here.
+    """
+    home.mkdir(parents=True, exist_ok=True)
     env = {
         key: value
         for key, value in os.environ.items()
@@ -54,6 +60,7 @@ def process_env(bin_dir: Path, settings: Mapping[str, str]) -> dict[str, str]:
     env["PATH"] = os.pathsep.join([str(bin_dir), env.get("PATH", os.defpath)])
     # Block-buffered stdout would lose the last log lines of a process that had to be killed.
     env["PYTHONUNBUFFERED"] = "1"
+    env["HOME"] = str(home)
     env.update(settings)
     return env
 
@@ -84,42 +91,53 @@ class Process:
         return self.log_path.read_text(errors="replace")
 
     def stop(self, grace_seconds: float = 15.0) -> int:
-        """SIGTERM the process group, wait for it, SIGKILL it if it will not go; its exit code."""
+        """SIGTERM the process group, wait, SIGKILL the group if it will not go; the exit code."""
         if self.running:
             self._signal(signal.SIGTERM)
             try:
                 return self.popen.wait(timeout=grace_seconds)
             except subprocess.TimeoutExpired:
                 self._signal(signal.SIGKILL)
-        code = self.popen.wait(timeout=grace_seconds)
-        # A child that outlived its parent would still be in the group.
-        self._signal(signal.SIGKILL)
-        return code
+        return self.popen.wait(timeout=grace_seconds)
 
     def _signal(self, signum: int) -> None:
-        try:
+        with suppress(ProcessLookupError):
             os.killpg(self.popen.pid, signum)
-        except ProcessLookupError:
-            pass
 
 
-def run(command: list[str], env: Mapping[str, str], cwd: Path, timeout: float = 60.0) -> str:
-    """Run a command to completion; its stdout, or AssertionError with its output on failure."""
-    done = subprocess.run(
-        command,
-        env=dict(env),
-        cwd=cwd,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-    assert done.returncode == 0, (
-        f"{' '.join(command)} exited {done.returncode}\n"
-        f"--- stdout ---\n{done.stdout}\n--- stderr ---\n{done.stderr}"
-    )
-    return done.stdout
+def run_all(
+    commands: list[list[str]], env: Mapping[str, str], cwd: Path, timeout: float = 60.0
+) -> list[str]:
+    """Run commands side by side to completion; their stdouts, or AssertionError with the output
+    of the first that fails."""
+    running = [
+        (
+            command,
+            subprocess.Popen(
+                command,
+                env=dict(env),
+                cwd=cwd,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            ),
+        )
+        for command in commands
+    ]
+    outputs = []
+    for command, popen in running:
+        try:
+            stdout, stderr = popen.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            popen.kill()
+            stdout, stderr = popen.communicate()
+        assert popen.returncode == 0, (
+            f"{' '.join(command)} exited {popen.returncode}\n"
+            f"--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}"
+        )
+        outputs.append(stdout)
+    return outputs
 
 
 class Deployment:

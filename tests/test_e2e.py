@@ -12,6 +12,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
@@ -22,7 +23,7 @@ from sqlalchemy import select
 
 from tests.conftest import CALLBACK_URL, PUBLIC_URL, free_port
 from tests.fakeplivo import FakePlivo
-from tests.processes import Deployment, Process, process_env, read_procfile, run
+from tests.processes import Deployment, Process, process_env, read_procfile, run_all
 from webhook.db import make_engine
 from webhook.models import CallbackLog, Recording
 
@@ -34,19 +35,26 @@ CONFERENCE = "Trading Desk 7"
 CALLER = "+14155550101"
 AUDIO_BYTES = 20 * 1024 * 1024  # above the 16 MiB part size: the upload is multipart
 ARCHIVE_TIMEOUT = 60.0
+HTTP_TIMEOUT = 30.0
 
 
 @pytest.fixture
-def env(database_url: str, bucket: str, s3_endpoint: str, plivo: FakePlivo) -> dict[str, str]:
+def env(
+    database_url: str, bucket: str, s3_endpoint: str, plivo: FakePlivo, tmp_path: Path
+) -> dict[str, str]:
     """The deployment's environment, as an operator would configure it on the platform."""
     return process_env(
         BIN,
+        tmp_path / "home",
         {
             "DATABASE_URL": database_url,
             "ARCHIVE_URL": f"s3://{bucket}/archive",
             "AWS_ENDPOINT_URL": s3_endpoint,
-            **{k: os.environ[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")},
-            "AWS_DEFAULT_REGION": os.environ["AWS_DEFAULT_REGION"],
+            # The credentials and region conftest's s3_endpoint fixture gives moto.
+            **{
+                key: os.environ[key]
+                for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+            },
             "PLIVO_AUTH_ID": plivo.auth_id,
             "PLIVO_AUTH_TOKEN": plivo.auth_token,
             "PLIVO_API_URL": plivo.url,
@@ -59,34 +67,57 @@ def env(database_url: str, bucket: str, s3_endpoint: str, plivo: FakePlivo) -> d
     )
 
 
+@dataclass
+class Service:
+    """The running deployment and the staff tokens made for it."""
+
+    deployment: Deployment
+    operator: dict[str, str]
+    compliance: dict[str, str]
+
+
 @pytest.fixture
-def deployment(env: dict[str, str], s3: Any, bucket: str, tmp_path: Path) -> Iterator[Deployment]:
-    """`release`, then `web` and `worker` running, and /healthz answering 200."""
+def service(env: dict[str, str], s3: Any, bucket: str, tmp_path: Path) -> Iterator[Service]:
+    """`release`, then `web` and `worker` running, /healthz answering 200, and two staff tokens."""
     # Versioned, so that an object written twice shows up as two versions.
     s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
     procfile = read_procfile(ROOT / "Procfile")
-    run(["bash", "-c", procfile["release"]], env, ROOT)
+    run_all([["bash", "-c", procfile["release"]]], env, ROOT)
     logs = tmp_path / "logs"
     logs.mkdir()
     processes: list[Process] = []
-    service = Deployment(f"http://127.0.0.1:{env['PORT']}", processes)
+    deployment = Deployment(f"http://127.0.0.1:{env['PORT']}", processes)
     try:
         for kind in ("web", "worker"):
             processes.append(Process(kind, procfile[kind], env, ROOT, logs))
-        service.wait_until_healthy()
-        yield service
+        # While web and worker boot: tokens made by the real command, which prints each alone
+        # on its last line.
+        with deployment.logs_on_failure():
+            outputs = run_all(
+                [
+                    ["webhook", "staff", "add", "ops", "--role", "operator"],
+                    ["webhook", "staff", "add", "auditor", "--role", "compliance"],
+                ],
+                env,
+                ROOT,
+            )
+        operator, compliance = (output.strip().splitlines()[-1] for output in outputs)
+        deployment.wait_until_healthy()
+        yield Service(
+            deployment,
+            {"Authorization": f"Bearer {operator}"},
+            {"Authorization": f"Bearer {compliance}"},
+        )
     finally:
-        service.stop()
+        deployment.stop()
 
 
-def staff_token(env: dict[str, str], name: str, role: str) -> str:
-    """A token made by the real command; it prints the token alone on its last line."""
-    output = run(["webhook", "staff", "add", name, "--role", role], env, ROOT)
-    return output.strip().splitlines()[-1]
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
+def presigned_lifetime(url: str) -> float:
+    """How long a presigned S3 URL stays valid, in seconds (SigV4 or SigV2 query auth)."""
+    query = parse_qs(urlsplit(url).query)
+    if "X-Amz-Expires" in query:
+        return float(query["X-Amz-Expires"][0])
+    return float(query["Expires"][0]) - time.time()
 
 
 def wait_for_archive(base_url: str, recording_id: str, headers: dict[str, str]) -> dict[str, Any]:
@@ -94,7 +125,9 @@ def wait_for_archive(base_url: str, recording_id: str, headers: dict[str, str]) 
     deadline = time.monotonic() + ARCHIVE_TIMEOUT
     body: dict[str, Any] = {}
     while time.monotonic() < deadline:
-        response = requests.get(f"{base_url}/api/recordings/{recording_id}", headers=headers)
+        response = requests.get(
+            f"{base_url}/api/recordings/{recording_id}", headers=headers, timeout=HTTP_TIMEOUT
+        )
         assert response.status_code == 200, response.text
         body = response.json()
         if body["status"] == "archived":
@@ -104,7 +137,7 @@ def wait_for_archive(base_url: str, recording_id: str, headers: dict[str, str]) 
     raise AssertionError(f"{recording_id} not archived after {ARCHIVE_TIMEOUT} s: {body}")
 
 
-def count_rows(database_url: str, model: Any, recording_id: str) -> list[Any]:
+def rows_about(database_url: str, model: Any, recording_id: str) -> list[Any]:
     """The rows of `model` about one recording, read straight from the database."""
     engine = make_engine(database_url)
     try:
@@ -120,30 +153,37 @@ def object_versions(s3: Any, bucket: str, key: str) -> list[dict[str, Any]]:
 
 
 def test_procfile_processes_archive_a_conference_recording_end_to_end(
-    deployment: Deployment,
+    service: Service,
     env: dict[str, str],
     plivo: FakePlivo,
     s3: Any,
     bucket: str,
     database_url: str,
 ) -> None:
+    deployment = service.deployment
     base = deployment.base_url
+    operator, compliance = service.operator, service.compliance
     public_callback = CALLBACK_URL  # what Plivo signs; the socket below is plain http
     socket_callback = f"{base}/plivo/recording"
     with deployment.logs_on_failure():
-        operator = bearer(staff_token(env, "ops", "operator"))
-        compliance = bearer(staff_token(env, "auditor", "compliance"))
-
         # --- an operator records a live conference ----------------------------------------------
         plivo.add_conference(
             CONFERENCE,
             members=[
-                {"from": CALLER, "to": "+14155550100", "caller_name": "Dana", "direction": "inbound"},
+                {
+                    "from": CALLER,
+                    "to": "+14155550100",
+                    "caller_name": "Dana",
+                    "direction": "inbound",
+                },
                 {"from": "+442071838750", "to": "+14155550100", "direction": "inbound"},
             ],
         )
         started = requests.post(
-            f"{base}/api/conferences/{quote(CONFERENCE)}/recording", headers=operator, json={}
+            f"{base}/api/conferences/{quote(CONFERENCE)}/recording",
+            headers=operator,
+            json={},
+            timeout=HTTP_TIMEOUT,
         )
         assert started.status_code == 201, started.text
         recording_id = started.json()["recording_id"]
@@ -180,19 +220,23 @@ def test_procfile_processes_archive_a_conference_recording_end_to_end(
         found = requests.get(
             f"{base}/api/recordings?participant={quote('+1 (415) 555-0101', safe='')}",
             headers=compliance,
+            timeout=HTTP_TIMEOUT,
         )
         assert found.status_code == 200, found.text
         assert [r["recording_id"] for r in found.json()["recordings"]] == [recording_id]
 
         # --- and plays it through a short-lived presigned link ------------------------------------
         audio_link = requests.get(
-            f"{base}/api/recordings/{recording_id}/audio", headers=compliance, allow_redirects=False
+            f"{base}/api/recordings/{recording_id}/audio",
+            headers=compliance,
+            allow_redirects=False,
+            timeout=HTTP_TIMEOUT,
         )
         assert audio_link.status_code == 302, audio_link.text
         presigned = audio_link.headers["Location"]
         assert presigned.startswith(env["AWS_ENDPOINT_URL"] + "/"), presigned
-        assert int(parse_qs(urlsplit(presigned).query)["X-Amz-Expires"][0]) <= 300
-        played = requests.get(presigned, timeout=30)
+        assert 0 < presigned_lifetime(presigned) <= 300
+        played = requests.get(presigned, timeout=HTTP_TIMEOUT)
         assert played.status_code == 200, played.text[:500]
         assert played.content == audio
 
@@ -204,13 +248,17 @@ def test_procfile_processes_archive_a_conference_recording_end_to_end(
         )
         assert forged.status_code == 403, forged.text
         assert forged.json()["error"] == "bad_signature"
-        missing = requests.get(f"{base}/api/recordings/{forged_id}", headers=compliance)
+        missing = requests.get(
+            f"{base}/api/recordings/{forged_id}", headers=compliance, timeout=HTTP_TIMEOUT
+        )
         assert missing.status_code == 404, missing.text
-        assert count_rows(database_url, Recording, forged_id) == []
-        assert count_rows(database_url, CallbackLog, forged_id) == []
+        assert rows_about(database_url, Recording, forged_id) == []
+        assert rows_about(database_url, CallbackLog, forged_id) == []
 
         # --- Plivo delivers a callback twice: one row, one archived object ------------------------
-        retried_id = f"xml-{recording_id}"
+        # A recording started outside this service (console, Conference XML): the first callback
+        # creates its row, the retry finds it.
+        retried_id = f"retried-{recording_id}"
         retried_audio = os.urandom(1024 * 1024)
         retried_params = plivo.finish_recording(
             retried_id, retried_audio, conference_name=CONFERENCE
@@ -224,8 +272,8 @@ def test_procfile_processes_archive_a_conference_recording_end_to_end(
 
         retried = wait_for_archive(base, retried_id, compliance)
         assert retried["archive"]["sha256"] == hashlib.sha256(retried_audio).hexdigest()
-        assert len(count_rows(database_url, Recording, retried_id)) == 1
-        logged = count_rows(database_url, CallbackLog, retried_id)
+        assert len(rows_about(database_url, Recording, retried_id)) == 1
+        logged = rows_about(database_url, CallbackLog, retried_id)
         assert sorted(row.duplicate for row in logged) == [False, True]
         retried_key = retried["archive"]["key"]
         assert len(object_versions(s3, bucket, retried_key)) == 1
@@ -237,7 +285,14 @@ def test_procfile_processes_archive_a_conference_recording_end_to_end(
         assert len(object_versions(s3, bucket, retried_key)) == 1
         for process in deployment.processes:
             assert process.running, f"{process.name} exited"
+        fetched = [path for path, _ in plivo.media_requests]
+        assert fetched.count(f"/media/{recording_id}.mp3") == 1, fetched
+        assert fetched.count(f"/media/{retried_id}.mp3") == 1, fetched
         web_log = deployment.processes[0].output()
         assert web_log.count("Booting worker") == 2, "WEB_CONCURRENCY=2 should give two workers"
         for process in deployment.processes:
             assert "Traceback" not in process.output(), f"{process.name} logged a traceback"
+
+        # --- a platform restart (SIGTERM) stops both cleanly -------------------------------------
+        exits = {process.name: process.stop() for process in deployment.processes}
+        assert exits == {"web": 0, "worker": 0}

@@ -1,0 +1,346 @@
+"""The archive worker: claim a queued recording, stream it into the archive, confirm, mark it."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import random
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import requests
+import urllib3.exceptions
+from boto3.exceptions import Boto3Error
+from sqlalchemy import delete, select, update
+from sqlalchemy.exc import DBAPIError
+
+from webhook.archive.media import MediaError, RefusedURL, open_media
+from webhook.archive.storage import HashingReader, Interrupted, StorageError, StoredObject
+from webhook.db import rowcount, transaction
+from webhook.models import Recording, SeenNonce, Status, utcnow
+from webhook.plivo import PlivoError
+
+if TYPE_CHECKING:
+    from webhook import Services
+
+log = logging.getLogger(__name__)
+
+CONTENT_TYPES = {"mp3": "audio/mpeg", "wav": "audio/wav"}
+MAX_RETRY_DELAY = 6 * 3600.0
+PRUNE_EVERY_SECONDS = 60.0
+
+# Failures of the media host, the network or the archive: worth another attempt later.
+RETRYABLE = (
+    MediaError,
+    StorageError,
+    requests.RequestException,
+    urllib3.exceptions.HTTPError,
+    Boto3Error,
+    OSError,
+)
+
+
+@dataclass(frozen=True)
+class Job:
+    """A claimed recording: what the worker needs to archive it, and the lease it holds."""
+
+    id: int
+    recording_id: str
+    record_url: str | None
+    archive_key: str
+    file_format: str | None
+    lease_token: str
+    attempts: int
+    start_ms: int
+    end_ms: int | None
+    duration_ms: int | None
+
+
+def retry_delay(attempts: int, base: float) -> float:
+    """Exponential backoff with jitter: between half and all of base * 2^(attempts-1)."""
+    ceiling = min(base * 2.0 ** max(attempts - 1, 0), MAX_RETRY_DELAY)
+    return ceiling / 2 + random.uniform(0, ceiling / 2)  # noqa: S311 - jitter, not a secret
+
+
+class LeaseKeeper(threading.Thread):
+    """Extends a job's lease while it runs; notices when another worker has taken it over."""
+
+    def __init__(self, services: Services, job: Job) -> None:
+        super().__init__(name=f"lease-{job.recording_id}", daemon=True)
+        self.services = services
+        self.job = job
+        self.lost = False
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        lease = self.services.settings.archive_lease_seconds
+        while not self._done.wait(lease / 3):
+            try:
+                with transaction(self.services.sessions) as session:
+                    kept = rowcount(session.execute(
+                        update(Recording)
+                        .where(
+                            Recording.id == self.job.id,
+                            Recording.lease_token == self.job.lease_token,
+                            Recording.status == Status.ARCHIVING,
+                        )
+                        .values(next_attempt_at=utcnow() + dt.timedelta(seconds=lease))
+                    ))
+            except DBAPIError as exc:
+                log.warning("lease not extended: %s", exc.orig, extra={"recording_id": self.job.recording_id})
+                continue
+            if not kept:
+                self.lost = True
+                return
+
+    def stop(self) -> None:
+        self._done.set()
+
+
+class Worker:
+    """Archives queued recordings one at a time; run several (processes) to go faster."""
+
+    def __init__(self, services: Services, stop: threading.Event | None = None) -> None:
+        self.services = services
+        self.settings = services.settings
+        self.stop = stop or threading.Event()
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+        self._last_prune = 0.0
+
+    # --- the queue --------------------------------------------------------------------------
+
+    def claim(self) -> Job | None:
+        """Atomically take the next due recording (or one whose lease expired), or None."""
+        now = utcnow()
+        due = (
+            select(Recording.id)
+            .where(
+                Recording.status.in_([Status.PENDING, Status.ARCHIVING]),
+                Recording.next_attempt_at <= now,
+            )
+            .order_by(Recording.next_attempt_at)
+            .limit(1)
+            # Several workers on PostgreSQL each skip the rows another is claiming.
+            .with_for_update(skip_locked=True)
+            .scalar_subquery()
+        )
+        token = str(uuid.uuid4())
+        with transaction(self.services.sessions) as session:
+            row = session.execute(
+                update(Recording)
+                .where(Recording.id == due)
+                .values(
+                    status=Status.ARCHIVING,
+                    lease_token=token,
+                    next_attempt_at=now + dt.timedelta(seconds=self.settings.archive_lease_seconds),
+                    attempts=Recording.attempts + 1,
+                    updated_at=now,
+                )
+                .returning(
+                    Recording.id,
+                    Recording.recording_id,
+                    Recording.record_url,
+                    Recording.archive_key,
+                    Recording.file_format,
+                    Recording.attempts,
+                    Recording.start_ms,
+                    Recording.end_ms,
+                    Recording.duration_ms,
+                )
+            ).one_or_none()
+        if row is None:
+            return None
+        return Job(
+            id=row.id,
+            recording_id=row.recording_id,
+            record_url=row.record_url,
+            archive_key=row.archive_key,
+            file_format=row.file_format,
+            lease_token=token,
+            attempts=row.attempts,
+            start_ms=row.start_ms,
+            end_ms=row.end_ms,
+            duration_ms=row.duration_ms,
+        )
+
+    def _settle(self, job: Job, **values: object) -> bool:
+        """Write the outcome, but only while this worker still holds the job's lease."""
+        with transaction(self.services.sessions) as session:
+            result = session.execute(
+                update(Recording)
+                .where(Recording.id == job.id, Recording.lease_token == job.lease_token)
+                .values(lease_token=None, updated_at=utcnow(), **values)
+            )
+            return rowcount(result) == 1
+
+    def _fail_or_retry(self, job: Job, error: str, permanent: bool = False) -> None:
+        if permanent or job.attempts >= self.settings.archive_max_attempts:
+            self._settle(job, status=Status.FAILED, last_error=error, next_attempt_at=None)
+            log.error("archive failed", extra={"recording_id": job.recording_id, "error": error, "attempts": job.attempts})
+            return
+        delay = retry_delay(job.attempts, self.settings.archive_retry_base_seconds)
+        self._settle(
+            job,
+            status=Status.PENDING,
+            last_error=error,
+            next_attempt_at=utcnow() + dt.timedelta(seconds=delay),
+        )
+        log.warning(
+            "archive attempt failed; will retry",
+            extra={"recording_id": job.recording_id, "error": error, "attempts": job.attempts, "retry_in_s": round(delay, 1)},
+        )
+
+    # --- one job ----------------------------------------------------------------------------
+
+    def process(self, job: Job) -> None:
+        """Archive one claimed recording and record the outcome."""
+        started = time.perf_counter()
+        if job.attempts > self.settings.archive_max_attempts:
+            # Claimed again after its lease expired on the last attempt: a worker died with it.
+            self._fail_or_retry(job, "the worker stopped during the last attempt", permanent=True)
+            return
+        if not job.record_url:
+            self._fail_or_retry(job, "no record_url known for this recording", permanent=True)
+            return
+        keeper = LeaseKeeper(self.services, job)
+        keeper.start()
+        try:
+            job = self._complete_metadata(job)
+            stored = self._copy(job, lambda: self.stop.is_set() or keeper.lost)
+        except RefusedURL as exc:
+            self._fail_or_retry(job, f"refused: {exc}", permanent=True)
+            return
+        except Interrupted:
+            if keeper.lost:
+                log.warning("lease lost; leaving the job to its new worker", extra={"recording_id": job.recording_id})
+                return
+            # Shutting down: give the job back at once, without counting the attempt.
+            self._settle(
+                job, status=Status.PENDING, attempts=job.attempts - 1, next_attempt_at=utcnow()
+            )
+            log.info("released on shutdown", extra={"recording_id": job.recording_id})
+            return
+        except RETRYABLE as exc:
+            self._fail_or_retry(job, f"{type(exc).__name__}: {exc}"[:2000])
+            return
+        finally:
+            keeper.stop()
+        marked = self._settle(
+            job,
+            status=Status.ARCHIVED,
+            archive_key=stored.key,
+            archive_size=stored.size,
+            archive_sha256=stored.sha256,
+            archive_version_id=stored.version_id,
+            archived_at=utcnow(),
+            retain_until=self._retain_until(job),
+            last_error=None,
+            next_attempt_at=None,
+        )
+        log.info(
+            "archived" if marked else "archived, but the lease had passed to another worker",
+            extra={
+                "recording_id": job.recording_id,
+                "key": stored.key,
+                "size": stored.size,
+                "sha256": stored.sha256,
+                "seconds": round(time.perf_counter() - started, 3),
+            },
+        )
+
+    def _retain_until(self, job: Job) -> dt.datetime | None:
+        days = self.settings.retention_days
+        if days is None:
+            return None
+        end_ms = job.end_ms or job.start_ms + (job.duration_ms or 0)
+        return dt.datetime.fromtimestamp(end_ms / 1000, dt.UTC) + dt.timedelta(days=days)
+
+    def _copy(self, job: Job, interrupted: Callable[[], bool]) -> StoredObject:
+        assert job.record_url is not None
+        response = open_media(job.record_url, self.settings)
+        with response:
+            reader = HashingReader(response.raw.read, interrupted=interrupted)
+            stored = self.services.storage.put(
+                job.archive_key,
+                reader,
+                CONTENT_TYPES.get(job.file_format or "", "application/octet-stream"),
+                self._retain_until(job),
+            )
+        expected = response.headers.get("Content-Length")
+        if expected is not None and expected.isdigit() and int(expected) != stored.size:
+            raise MediaError(f"media host promised {expected} bytes and sent {stored.size}")
+        return stored
+
+    def _complete_metadata(self, job: Job) -> Job:
+        """Fill durations and times the callback did not carry from Plivo's Recording API."""
+        if job.duration_ms is not None and job.end_ms is not None:
+            return job
+        try:
+            details = self.services.plivo.get_recording(job.recording_id)
+        except PlivoError as exc:
+            log.info("recording details unavailable: %s", exc.message, extra={"recording_id": job.recording_id})
+            return job
+        values: dict[str, int] = {}
+        for field, column in (
+            ("recording_duration_ms", "duration_ms"),
+            ("recording_end_ms", "end_ms"),
+        ):
+            raw = details.get(field)
+            try:
+                number = int(float(raw)) if raw not in (None, "") else None
+            except (TypeError, ValueError):
+                number = None
+            if number is not None and getattr(job, column) is None:
+                values[column] = number
+        if not values:
+            return job
+        if "duration_ms" in values:
+            values["duration_s"] = values["duration_ms"] // 1000
+        with transaction(self.services.sessions) as session:
+            session.execute(update(Recording).where(Recording.id == job.id).values(**values))
+        return Job(**{**job.__dict__, **{k: v for k, v in values.items() if k != "duration_s"}})
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    def prune_nonces(self) -> int:
+        """Forget signature nonces older than the replay window."""
+        cutoff = utcnow() - dt.timedelta(seconds=self.settings.nonce_ttl_seconds)
+        with transaction(self.services.sessions) as session:
+            return rowcount(session.execute(delete(SeenNonce).where(SeenNonce.seen_at < cutoff)))
+
+    def run(self, once: bool = False, poll_seconds: float = 1.0) -> int:
+        """Archive until stopped (or, with `once`, until nothing is due); answer how many jobs ran."""
+        done = 0
+        db_failures = 0
+        while not self.stop.is_set():
+            try:
+                if time.monotonic() - self._last_prune > PRUNE_EVERY_SECONDS:
+                    self.prune_nonces()
+                    self._last_prune = time.monotonic()
+                job = self.claim()
+                db_failures = 0
+            except DBAPIError as exc:
+                db_failures += 1
+                log.warning("database unavailable: %s", exc.orig)
+                if once and db_failures >= 5:
+                    raise
+                self.stop.wait(min(2.0**db_failures, 30.0))
+                continue
+            if job is None:
+                if once:
+                    break
+                self.stop.wait(poll_seconds)
+                continue
+            try:
+                self.process(job)
+            except DBAPIError as exc:
+                # The outcome could not be written: the lease expires and the job is taken again.
+                log.warning("database unavailable while finishing a job: %s", exc.orig, extra={"recording_id": job.recording_id})
+            done += 1
+        return done
