@@ -72,11 +72,13 @@ def database_url(migrated_database: str, tmp_path: Path) -> str:
         shutil.copyfile(migrated_database.removeprefix("sqlite:///"), path)
         return f"sqlite:///{path}"
     # Tests use several connections and processes, so they cannot share one rolled-back
-    # transaction; TRUNCATE is fast and does not fire the append-only row triggers.
+    # transaction. DELETE of a few rows is much faster than TRUNCATE; the replica role skips the
+    # append-only triggers for this cleanup only (the test role is a superuser).
     engine = sa.create_engine(migrated_database)
-    tables = ", ".join(t.name for t in Base.metadata.sorted_tables)
     with engine.begin() as conn:
-        conn.execute(sa.text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+        conn.execute(sa.text("SET LOCAL session_replication_role = replica"))
+        for table in reversed(Base.metadata.sorted_tables):
+            conn.execute(table.delete())
     engine.dispose()
     return migrated_database
 

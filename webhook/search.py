@@ -16,6 +16,17 @@ from webhook.recordings import participant_key
 
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 200
+BIGINT = 2**63  # cursor values beyond a 64-bit column cannot even be bound to a query
+
+
+def bigint(text: str) -> int:
+    """A whole number that fits a BIGINT column; ValueError otherwise."""
+    value = int(text)
+    if not -BIGINT <= value < BIGINT:
+        raise ValueError(f"{text[:20]} is out of range")
+    return value
+
+
 FILTERS = (
     "conference",
     "conference_prefix",
@@ -44,7 +55,7 @@ class Cursor:
         try:
             text = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).decode("ascii")
             start, _, ident = text.partition(":")
-            return cls(int(start), int(ident))
+            return cls(bigint(start), bigint(ident))
         except (binascii.Error, UnicodeDecodeError, ValueError):
             raise BadParameter("cursor", "cursor is not one this API handed out") from None
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flask import Blueprint
+from flask import Blueprint, Response, request
 
 from webhook.api import audit, conferences, recordings
 from webhook.audit import write_audit
@@ -11,4 +11,12 @@ bp = Blueprint("api", __name__, url_prefix="/api")
 bp.register_blueprint(conferences.bp)
 bp.register_blueprint(recordings.bp)
 bp.register_blueprint(audit.bp)
-bp.after_request(write_audit)
+
+
+@bp.after_app_request
+def _audit_api_request(response: Response) -> Response:
+    """Audit every request under /api, also one matching no route (404, 405): a blueprint's
+    own after_request never sees those."""
+    if request.path == "/api" or request.path.startswith("/api/"):
+        return write_audit(response)
+    return response

@@ -14,7 +14,7 @@ from webhook.auth import require
 from webhook.db import request_session
 from webhook.errors import BadParameter
 from webhook.models import AuditEvent, AuditRecording, Role
-from webhook.search import parse_limit, parse_time_ms
+from webhook.search import bigint, parse_limit, parse_time_ms
 
 bp = Blueprint("audit", __name__)
 
@@ -32,7 +32,7 @@ def _decode(raw: str) -> tuple[dt.datetime, int]:
     try:
         text = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).decode("ascii")
         at, _, ident = text.partition(":")
-        return EPOCH + int(at) * MICROSECOND, int(ident)
+        return EPOCH + int(at) * MICROSECOND, bigint(ident)
     except (binascii.Error, UnicodeDecodeError, ValueError, OverflowError):
         raise BadParameter("cursor", "cursor is not one this API handed out") from None
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from webhook import services
@@ -28,6 +31,19 @@ def _conference_name(name: str) -> str:
     return name
 
 
+@contextmanager
+def conference_running(name: str) -> Iterator[None]:
+    """Turn Plivo's 404 for a conference into our own `conference_not_found`."""
+    try:
+        yield
+    except PlivoError as exc:
+        if exc.status == 404:
+            raise APIError(
+                404, "conference_not_found", f"No conference named {name!r} is running"
+            ) from None
+        raise
+
+
 @bp.post("/conferences/<path:name>/recording")
 @require(Role.OPERATOR)
 def start_recording(name: str) -> tuple[Response, int]:
@@ -44,14 +60,8 @@ def start_recording(name: str) -> tuple[Response, int]:
         raise APIError(503, "public_url_not_set", "PUBLIC_URL must be set so Plivo can call back")
     plivo = svc.plivo
     # The members first: a conference that is not running fails here, before anything starts.
-    try:
+    with conference_running(name):
         conference = plivo.get_conference(name)
-    except PlivoError as exc:
-        if exc.status == 404:
-            raise APIError(
-                404, "conference_not_found", f"No conference named {name!r} is running"
-            ) from None
-        raise
     started = plivo.start_recording(
         name, file_format, svc.settings.public_url + "/plivo/recording" + CALLBACK_RETRY_FRAGMENT
     )
@@ -80,5 +90,6 @@ def start_recording(name: str) -> tuple[Response, int]:
 def stop_recording(name: str) -> Response:
     """Stop the conference's recordings; the callback then archives them."""
     name = _conference_name(name)
-    services(current_app).plivo.stop_recording(name)
+    with conference_running(name):
+        services(current_app).plivo.stop_recording(name)
     return jsonify(conference_name=name, status="stopping")

@@ -152,9 +152,13 @@ def open_storage(settings: Settings) -> Storage:
             raise StorageError("ARCHIVE_URL s3://… must name a bucket")
         return S3Storage(parts.netloc, settings.object_lock_mode)
     if parts.scheme in ("file", ""):
-        path = unquote(parts.netloc + parts.path) if parts.scheme == "file" else settings.archive_url
+        path = (
+            unquote(parts.netloc + parts.path) if parts.scheme == "file" else settings.archive_url
+        )
         return LocalStorage(Path(path))
-    raise StorageError(f"ARCHIVE_URL must be s3://bucket/prefix or file:///path, not {parts.scheme}:")
+    raise StorageError(
+        f"ARCHIVE_URL must be s3://bucket/prefix or file:///path, not {parts.scheme}:"
+    )
 
 
 class S3Storage:
@@ -232,7 +236,9 @@ class S3Storage:
                 lock = self.client.get_object_lock_configuration(Bucket=self.bucket)
                 enabled = lock.get("ObjectLockConfiguration", {}).get("ObjectLockEnabled")
                 if enabled != "Enabled":
-                    raise ObjectLockMissing(f"bucket {self.bucket} does not have Object Lock enabled")
+                    raise ObjectLockMissing(
+                        f"bucket {self.bucket} does not have Object Lock enabled"
+                    )
         except ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "")
             if code == "ObjectLockConfigurationNotFoundError":

@@ -83,17 +83,23 @@ class LeaseKeeper(threading.Thread):
         while not self._done.wait(lease / 3):
             try:
                 with transaction(self.services.sessions) as session:
-                    kept = rowcount(session.execute(
-                        update(Recording)
-                        .where(
-                            Recording.id == self.job.id,
-                            Recording.lease_token == self.job.lease_token,
-                            Recording.status == Status.ARCHIVING,
+                    kept = rowcount(
+                        session.execute(
+                            update(Recording)
+                            .where(
+                                Recording.id == self.job.id,
+                                Recording.lease_token == self.job.lease_token,
+                                Recording.status == Status.ARCHIVING,
+                            )
+                            .values(next_attempt_at=utcnow() + dt.timedelta(seconds=lease))
                         )
-                        .values(next_attempt_at=utcnow() + dt.timedelta(seconds=lease))
-                    ))
+                    )
             except DBAPIError as exc:
-                log.warning("lease not extended: %s", exc.orig, extra={"recording_id": self.job.recording_id})
+                log.warning(
+                    "lease not extended: %s",
+                    exc.orig,
+                    extra={"recording_id": self.job.recording_id},
+                )
                 continue
             if not kept:
                 self.lost = True
@@ -182,7 +188,10 @@ class Worker:
     def _fail_or_retry(self, job: Job, error: str, permanent: bool = False) -> None:
         if permanent or job.attempts >= self.settings.archive_max_attempts:
             self._settle(job, status=Status.FAILED, last_error=error, next_attempt_at=None)
-            log.error("archive failed", extra={"recording_id": job.recording_id, "error": error, "attempts": job.attempts})
+            log.error(
+                "archive failed",
+                extra={"recording_id": job.recording_id, "error": error, "attempts": job.attempts},
+            )
             return
         delay = retry_delay(job.attempts, self.settings.archive_retry_base_seconds)
         self._settle(
@@ -193,7 +202,12 @@ class Worker:
         )
         log.warning(
             "archive attempt failed; will retry",
-            extra={"recording_id": job.recording_id, "error": error, "attempts": job.attempts, "retry_in_s": round(delay, 1)},
+            extra={
+                "recording_id": job.recording_id,
+                "error": error,
+                "attempts": job.attempts,
+                "retry_in_s": round(delay, 1),
+            },
         )
 
     # --- one job ----------------------------------------------------------------------------
@@ -218,7 +232,10 @@ class Worker:
             return
         except Interrupted:
             if keeper.lost:
-                log.warning("lease lost; leaving the job to its new worker", extra={"recording_id": job.recording_id})
+                log.warning(
+                    "lease lost; leaving the job to its new worker",
+                    extra={"recording_id": job.recording_id},
+                )
                 return
             # Shutting down: give the job back at once, without counting the attempt.
             self._settle(
@@ -284,7 +301,11 @@ class Worker:
         try:
             details = self.services.plivo.get_recording(job.recording_id)
         except PlivoError as exc:
-            log.info("recording details unavailable: %s", exc.message, extra={"recording_id": job.recording_id})
+            log.info(
+                "recording details unavailable: %s",
+                exc.message,
+                extra={"recording_id": job.recording_id},
+            )
             return job
         values: dict[str, int] = {}
         for field, column in (
@@ -315,7 +336,7 @@ class Worker:
             return rowcount(session.execute(delete(SeenNonce).where(SeenNonce.seen_at < cutoff)))
 
     def run(self, once: bool = False, poll_seconds: float = 1.0) -> int:
-        """Archive until stopped (or, with `once`, until nothing is due); answer how many jobs ran."""
+        """Archive until stopped (with `once`: until nothing is due); answer how many jobs ran."""
         done = 0
         db_failures = 0
         while not self.stop.is_set():
@@ -341,6 +362,10 @@ class Worker:
                 self.process(job)
             except DBAPIError as exc:
                 # The outcome could not be written: the lease expires and the job is taken again.
-                log.warning("database unavailable while finishing a job: %s", exc.orig, extra={"recording_id": job.recording_id})
+                log.warning(
+                    "database unavailable while finishing a job: %s",
+                    exc.orig,
+                    extra={"recording_id": job.recording_id},
+                )
             done += 1
         return done
