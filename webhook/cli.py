@@ -163,6 +163,7 @@ def reconcile(since: str | None) -> None:
                 seen += 1
                 bar.update(1)
                 if details.get("recording_type") not in (None, "conference"):
+                    skipped += 1  # not ours to archive; not "already known" either
                     continue
                 try:
                     report = parse_report(_plivo_report(details))

@@ -101,6 +101,8 @@ def open_media(
                 allow_redirects=False,
                 timeout=TIMEOUT,
                 auth=credentials if send_auth else None,
+                # The archive keeps the file itself, not a gzip of it (requests asks for gzip).
+                headers={"Accept-Encoding": "identity"},
             )
         except requests.RequestException as exc:
             raise MediaError(f"media download failed: {exc}") from exc
@@ -115,5 +117,9 @@ def open_media(
         if response.status_code != 200:
             response.close()
             raise MediaError(f"media host answered {response.status_code}")
+        encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            response.close()
+            raise MediaError(f"media host sent Content-Encoding {encoding}, not the file itself")
         return response
     raise MediaError(f"more than {MAX_REDIRECTS} redirects")

@@ -14,6 +14,7 @@ from typing import IO, TYPE_CHECKING, Any, Protocol, cast
 from urllib.parse import unquote, urlsplit
 
 import boto3
+from boto3.exceptions import Boto3Error
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
@@ -194,12 +195,13 @@ class S3Storage:
             extra["ObjectLockMode"] = self.object_lock_mode
             extra["ObjectLockRetainUntilDate"] = retain_until
         try:
+            self._abort_stale_uploads(key)
             # On failure the transfer manager aborts the multipart upload it started.
             self.client.upload_fileobj(
                 cast("IO[bytes]", reader), self.bucket, key, ExtraArgs=extra, Config=self.transfer
             )
             head = self.client.head_object(Bucket=self.bucket, Key=key, ChecksumMode="ENABLED")
-        except (BotoCoreError, ClientError) as exc:
+        except (BotoCoreError, ClientError, Boto3Error) as exc:
             raise StorageError(f"S3 upload of {key} failed: {exc}") from exc
         if head["ContentLength"] != reader.size:
             raise StorageError(
@@ -209,6 +211,20 @@ class S3Storage:
         if reported is not None and reported not in reader.s3_checksums():
             raise StorageError(f"S3's SHA-256 for {key} does not match the bytes sent")
         return StoredObject(key, reader.size, reader.hexdigest(), head.get("VersionId"))
+
+    def _abort_stale_uploads(self, key: str) -> None:
+        """Abort multipart uploads of this key left open by a worker that was killed mid-upload.
+
+        Only the worker holding a recording's lease writes its key, so any open upload of the
+        key belongs to a previous, dead attempt.
+        """
+        paginator = self.client.get_paginator("list_multipart_uploads")
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=key):
+            for upload in page.get("Uploads", []):
+                if upload.get("Key") == key:
+                    self.client.abort_multipart_upload(
+                        Bucket=self.bucket, Key=key, UploadId=upload["UploadId"]
+                    )
 
     def read(self, key: str, version_id: str | None = None) -> Iterator[bytes]:
         params: dict[str, Any] = {"Bucket": self.bucket, "Key": key}

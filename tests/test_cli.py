@@ -1,0 +1,503 @@
+"""The `webhook` command: database, staff tokens, worker, requeue, reconcile and verify."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from click.testing import Result
+from flask import Flask
+from flask.testing import FlaskCliRunner
+from sqlalchemy import func, select
+
+from tests.conftest import make_settings, post_callback, token_for
+from tests.fakeplivo import FakePlivo
+from webhook import create_app, services
+from webhook.archive.worker import Worker
+from webhook.cli import cli
+from webhook.db import transaction
+from webhook.models import Recording, Role, Staff, Status
+
+
+def invoke(runner: FlaskCliRunner, *args: str) -> Result:
+    """Run `webhook ARGS…` against the test app.
+
+    The commands live on the `webhook` console script's group, not on `app.cli`, so the group is
+    passed explicitly; the runner still hands it the test app.
+    """
+    return runner.invoke(cli, args=list(args))
+
+
+def last_line(result: Result) -> str:
+    return result.output.strip().splitlines()[-1]
+
+
+def row(app: Flask, recording_id: str) -> Recording:
+    with services(app).sessions() as session:
+        return session.scalars(
+            select(Recording).where(Recording.recording_id == recording_id)
+        ).one()
+
+
+def recording_count(app: Flask) -> int:
+    with services(app).sessions() as session:
+        return session.scalar(select(func.count()).select_from(Recording)) or 0
+
+
+def queue(app: Flask, plivo: FakePlivo, recording_id: str, content: bytes) -> None:
+    params = plivo.finish_recording(recording_id, content)
+    assert post_callback(app.test_client(), plivo, params).status_code == 200
+
+
+def archive(app: Flask, plivo: FakePlivo, audio: dict[str, bytes]) -> None:
+    for recording_id, content in audio.items():
+        queue(app, plivo, recording_id, content)
+    assert Worker(services(app)).run(once=True) == len(audio)
+
+
+def fail(app: Flask, *recording_ids: str) -> None:
+    with transaction(services(app).sessions) as session:
+        session.execute(
+            sa.update(Recording)
+            .where(Recording.recording_id.in_(recording_ids))
+            .values(status=Status.FAILED, attempts=3, next_attempt_at=None, last_error="HTTP 404")
+        )
+
+
+@pytest.fixture
+def worker_command_isolated() -> Iterator[None]:
+    """`webhook worker` installs signal handlers and stdout logging for its process: undo both."""
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    logger = logging.getLogger("webhook")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    yield
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
+    logger.handlers[:] = saved[0]
+    logger.setLevel(saved[1])
+    logger.propagate = saved[2]
+
+
+# --- db upgrade ---------------------------------------------------------------------------------
+
+
+def test_db_upgrade_creates_the_schema_on_a_fresh_sqlite_file_and_is_idempotent(
+    tmp_path: Path, plivo
+) -> None:
+    path = tmp_path / "fresh.sqlite3"
+    app = create_app(
+        {
+            "TESTING": True,
+            "SETTINGS": make_settings(f"sqlite:///{path}", f"file://{tmp_path}/archive", plivo),
+        }
+    )
+    runner = app.test_cli_runner()
+    try:
+        first = invoke(runner, "db", "upgrade")
+        assert first.exit_code == 0, first.output
+        assert "head" in first.output
+        engine = sa.create_engine(f"sqlite:///{path}")
+        try:
+            tables = set(sa.inspect(engine).get_table_names())
+            assert {"alembic_version", "recordings", "participants", "staff"} <= tables
+            with engine.connect() as conn:
+                version = conn.execute(sa.text("SELECT version_num FROM alembic_version")).all()
+            assert len(version) == 1
+
+            second = invoke(runner, "db", "upgrade")
+            assert second.exit_code == 0, second.output
+            with engine.connect() as conn:
+                again = conn.execute(sa.text("SELECT version_num FROM alembic_version")).all()
+            assert again == version
+        finally:
+            engine.dispose()
+        # The schema works: a token can be made in it.
+        added = invoke(runner, "staff", "add", "first", "--role", "admin")
+        assert added.exit_code == 0, added.output
+    finally:
+        services(app).engine.dispose()
+
+
+def test_db_upgrade_on_the_migrated_test_database_changes_nothing(runner) -> None:
+    result = invoke(runner, "db", "upgrade")
+    assert result.exit_code == 0, result.output
+
+
+# --- staff --------------------------------------------------------------------------------------
+
+
+def test_staff_add_prints_a_working_token_alone_on_the_last_line(app, runner, client) -> None:
+    result = invoke(runner, "staff", "add", "carol", "--role", "compliance")
+
+    assert result.exit_code == 0, result.output
+    token = result.output.splitlines()[-1]
+    assert result.output.endswith(f"\n{token}\n")
+    assert token.isprintable() and token == token.strip() and " " not in token
+    assert len(token) >= 32
+    ok = client.get("/api/recordings", headers={"Authorization": f"Bearer {token}"})
+    assert ok.status_code == 200, ok.get_json()
+    assert ok.get_json()["recordings"] == []
+    # Only the hash is kept.
+    with services(app).sessions() as session:
+        staff = session.scalars(select(Staff).where(Staff.name == "carol")).one()
+    assert staff.role == "compliance"
+    assert staff.token_hash == hashlib.sha256(token.encode()).hexdigest()
+    assert token not in staff.token_hash
+
+
+def test_staff_token_carries_only_its_role(runner, client) -> None:
+    token = last_line(invoke(runner, "staff", "add", "reader", "--role", "compliance"))
+    audit = client.get("/api/audit", headers={"Authorization": f"Bearer {token}"})
+    assert audit.status_code == 403
+
+
+def test_staff_add_twice_with_the_same_name_fails(app, runner) -> None:
+    assert invoke(runner, "staff", "add", "dave", "--role", "operator").exit_code == 0
+
+    again = invoke(runner, "staff", "add", "dave", "--role", "admin")
+
+    assert again.exit_code != 0
+    assert "exists" in again.output
+    with services(app).sessions() as session:
+        assert session.scalars(select(Staff.role).where(Staff.name == "dave")).all() == ["operator"]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("staff", "add", "eve", "--role", "superuser"),
+        ("staff", "add", "eve"),
+        ("staff", "add", "", "--role", "admin"),
+        ("staff", "add", "x" * 65, "--role", "admin"),
+    ],
+)
+def test_staff_add_refuses_bad_arguments(app, runner, args) -> None:
+    result = invoke(runner, *args)
+    assert result.exit_code == 2, result.output
+    with services(app).sessions() as session:
+        assert session.scalar(select(func.count()).select_from(Staff)) == 0
+
+
+def test_staff_list_shows_names_roles_and_state(runner) -> None:
+    invoke(runner, "staff", "add", "zoe", "--role", "admin")
+    invoke(runner, "staff", "add", "amy", "--role", "compliance")
+    invoke(runner, "staff", "revoke", "zoe")
+
+    result = invoke(runner, "staff", "list")
+
+    assert result.exit_code == 0, result.output
+    lines = result.output.strip().splitlines()
+    assert [line.split("\t")[:2] for line in lines] == [["amy", "compliance"], ["zoe", "admin"]]
+    assert "active" in lines[0]
+    assert "revoked" in lines[1]
+
+
+def test_staff_revoke_makes_the_token_fail(runner, client) -> None:
+    token = last_line(invoke(runner, "staff", "add", "frank", "--role", "compliance"))
+    headers = {"Authorization": f"Bearer {token}"}
+    assert client.get("/api/recordings", headers=headers).status_code == 200
+
+    result = invoke(runner, "staff", "revoke", "frank")
+
+    assert result.exit_code == 0, result.output
+    assert client.get("/api/recordings", headers=headers).status_code == 401
+    again = invoke(runner, "staff", "revoke", "frank")
+    assert again.exit_code != 0
+    assert invoke(runner, "staff", "revoke", "nobody").exit_code != 0
+
+
+# --- worker -------------------------------------------------------------------------------------
+
+
+def test_worker_once_archives_what_is_queued_and_prints_the_count(
+    app, runner, plivo, worker_command_isolated
+) -> None:
+    audio = {"cli-1": os.urandom(3000), "cli-2": os.urandom(4000)}
+    for recording_id, content in audio.items():
+        queue(app, plivo, recording_id, content)
+
+    result = invoke(runner, "worker", "--once")
+
+    assert result.exit_code == 0, result.output
+    assert last_line(result) == "archive worker ran 2 job(s)"
+    for recording_id, content in audio.items():
+        recording = row(app, recording_id)
+        assert recording.status == Status.ARCHIVED
+        path = services(app).storage.local_path(str(recording.archive_key))
+        assert path is not None and path.read_bytes() == content
+
+    again = invoke(runner, "worker", "--once")
+    assert last_line(again) == "archive worker ran 0 job(s)"
+
+
+def test_worker_refuses_to_start_when_retention_is_asked_but_bucket_cannot_lock(
+    database_url: str, plivo, bucket: str, s3, worker_command_isolated
+) -> None:
+    settings = make_settings(
+        database_url,
+        f"s3://{bucket}",
+        plivo,
+        RETENTION_DAYS="30",
+        OBJECT_LOCK_MODE="COMPLIANCE",
+    )
+    app = create_app({"TESTING": True, "SETTINGS": settings})
+    try:
+        queue(app, plivo, "cli-unlocked", b"must not be stored without retention")
+
+        result = invoke(app.test_cli_runner(), "worker", "--once")
+
+        assert result.exit_code == 1
+        assert "Object Lock" in result.output
+        assert row(app, "cli-unlocked").status == Status.PENDING
+        assert s3.list_objects_v2(Bucket=bucket)["KeyCount"] == 0
+        assert plivo.media_requests == []
+    finally:
+        services(app).engine.dispose()
+
+
+# --- requeue ------------------------------------------------------------------------------------
+
+
+def test_requeue_one_recording_puts_it_back_with_fresh_attempts(app, runner, plivo) -> None:
+    queue(app, plivo, "rq-1", b"one")
+    queue(app, plivo, "rq-2", b"two")
+    fail(app, "rq-1", "rq-2")
+
+    result = invoke(runner, "requeue", "rq-1")
+
+    assert result.exit_code == 0, result.output
+    assert "requeued 1 recording(s)" in result.output
+    recording = row(app, "rq-1")
+    assert recording.status == Status.PENDING
+    assert recording.attempts == 0
+    assert recording.next_attempt_at is not None
+    assert row(app, "rq-2").status == Status.FAILED
+    # Back on the queue for real: the worker archives it.
+    assert Worker(services(app)).run(once=True) == 1
+    assert row(app, "rq-1").status == Status.ARCHIVED
+
+
+def test_requeue_failed_puts_every_failed_recording_back(app, runner, plivo) -> None:
+    for name in ("rqf-1", "rqf-2", "rqf-3"):
+        queue(app, plivo, name, name.encode())
+    fail(app, "rqf-1", "rqf-2")
+
+    result = invoke(runner, "requeue", "--failed")
+
+    assert result.exit_code == 0, result.output
+    assert "requeued 2 recording(s)" in result.output
+    for name in ("rqf-1", "rqf-2"):
+        recording = row(app, name)
+        assert recording.status == Status.PENDING
+        assert recording.attempts == 0
+    assert Worker(services(app)).run(once=True) == 3
+
+
+def test_requeue_refuses_an_archived_recording(app, runner, plivo) -> None:
+    archive(app, plivo, {"rq-done": b"done"})
+
+    result = invoke(runner, "requeue", "rq-done")
+
+    assert result.exit_code == 1
+    assert "rq-done" in result.output
+    assert row(app, "rq-done").status == Status.ARCHIVED
+
+
+@pytest.mark.parametrize("args", [(), ("rq-x", "--failed")])
+def test_requeue_needs_exactly_one_of_id_or_failed(runner, args) -> None:
+    result = invoke(runner, "requeue", *args)
+    assert result.exit_code == 2
+    assert "RECORDING_ID or --failed" in result.output
+
+
+# --- reconcile ----------------------------------------------------------------------------------
+
+
+def test_reconcile_queues_what_plivo_has_and_the_archive_lacks(app, runner, plivo) -> None:
+    known = [f"known-{n}" for n in range(3)]
+    lost = [f"lost-{n:02d}" for n in range(25)]
+    for recording_id in known:
+        queue(app, plivo, recording_id, b"known")
+    for recording_id in lost:
+        plivo.finish_recording(recording_id, recording_id.encode(), duration_ms=4000)
+
+    result = invoke(runner, "reconcile")
+
+    assert result.exit_code == 0, result.output
+    assert last_line(result) == (
+        "reconcile: 28 recording(s) on Plivo, 25 queued, 3 already known, 0 skipped"
+    )
+    assert recording_count(app) == 28
+    recording = row(app, "lost-07")
+    assert recording.status == Status.PENDING
+    assert recording.duration_ms == 4000
+    assert recording.record_url == plivo.media_url("lost-07")
+    # 28 recordings at 20 a page: the second page was asked for.
+    offsets = [
+        payload.get("offset")
+        for method, path, payload in plivo.calls
+        if method == "GET" and path.endswith("/Recording/")
+    ]
+    assert offsets == ["0", "20"]
+
+    again = invoke(runner, "reconcile")
+    assert again.exit_code == 0, again.output
+    assert last_line(again) == (
+        "reconcile: 28 recording(s) on Plivo, 0 queued, 28 already known, 0 skipped"
+    )
+    assert recording_count(app) == 28
+
+    # What it queued is archived like any callback's recording.
+    assert Worker(services(app)).run(once=True) == 28
+    assert row(app, "lost-07").archive_sha256 == hashlib.sha256(b"lost-07").hexdigest()
+
+
+def test_reconcile_queues_a_recording_started_here_whose_callback_was_lost(
+    app, runner, client, plivo
+) -> None:
+    plivo.add_conference("board")
+    started = client.post(
+        "/api/conferences/board/recording",
+        headers={"Authorization": f"Bearer {token_for(app, Role.OPERATOR)}"},
+    )
+    assert started.status_code == 201, started.get_json()
+    recording_id = started.get_json()["recording_id"]
+    assert row(app, recording_id).status == Status.RECORDING
+    plivo.finish_recording(recording_id, b"board audio")
+
+    result = invoke(runner, "reconcile")
+
+    assert result.exit_code == 0, result.output
+    assert "1 queued" in last_line(result)
+    recording = row(app, recording_id)
+    assert recording.status == Status.PENDING
+    assert recording.conference_name == "board"
+    assert recording_count(app) == 1
+
+
+def test_reconcile_leaves_recordings_that_are_not_conference_recordings(app, runner, plivo) -> None:
+    plivo.finish_recording("conf-1", b"conference")
+    plivo.finish_recording("call-1", b"a call recording")
+    plivo.recordings["call-1"]["recording_type"] = "call"
+
+    result = invoke(runner, "reconcile")
+
+    assert result.exit_code == 0, result.output
+    assert last_line(result) == (
+        "reconcile: 2 recording(s) on Plivo, 1 queued, 0 already known, 1 skipped"
+    )
+    assert row(app, "conf-1").status == Status.PENDING
+    assert recording_count(app) == 1
+
+
+def test_reconcile_since_limits_to_recent_recordings(app, runner, plivo) -> None:
+    plivo.finish_recording("recent", b"recent")
+    tomorrow = (dt.datetime.now(dt.UTC) + dt.timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%S")
+
+    future = invoke(runner, "reconcile", "--since", tomorrow)
+    assert future.exit_code == 0, future.output
+    assert "0 recording(s) on Plivo, 0 queued" in last_line(future)
+    assert recording_count(app) == 0
+
+    past = invoke(runner, "reconcile", "--since", "2020-01-01")
+    assert past.exit_code == 0, past.output
+    assert "1 recording(s) on Plivo, 1 queued" in last_line(past)
+
+
+@pytest.mark.parametrize("since", ["yesterday", "2023-13-45", "not a date"])
+def test_reconcile_since_garbage_is_a_usage_error(app, runner, plivo, since) -> None:
+    plivo.finish_recording("untouched", b"x")
+
+    result = invoke(runner, "reconcile", "--since", since)
+
+    assert result.exit_code == 2
+    assert "--since" in result.output
+    assert recording_count(app) == 0
+    assert plivo.calls == []
+
+
+def test_reconcile_reports_plivo_failure(app, runner, plivo) -> None:
+    plivo.finish_recording("unreachable", b"x")
+    plivo.api_faults.append(401)
+
+    result = invoke(runner, "reconcile")
+
+    assert result.exit_code == 1
+    assert "Plivo" in result.output
+    assert recording_count(app) == 0
+
+
+# --- verify -------------------------------------------------------------------------------------
+
+
+def test_verify_passes_on_intact_local_archive(app, runner, plivo) -> None:
+    archive(app, plivo, {"v-1": os.urandom(1000), "v-2": os.urandom(2000)})
+
+    result = invoke(runner, "verify")
+
+    assert result.exit_code == 0, result.output
+    assert last_line(result) == "verify: 2 object(s) checked, 0 mismatch(es)"
+
+
+def test_verify_finds_an_overwritten_local_file(app, runner, plivo) -> None:
+    archive(app, plivo, {"v-ok": os.urandom(1000), "v-bad": os.urandom(1000)})
+    path = services(app).storage.local_path(str(row(app, "v-bad").archive_key))
+    assert path is not None
+    path.write_bytes(os.urandom(1000))  # same size, other bytes
+
+    result = invoke(runner, "verify")
+
+    assert result.exit_code == 1
+    mismatches = [line for line in result.output.splitlines() if line.startswith("MISMATCH")]
+    assert len(mismatches) == 1
+    assert "v-bad" in mismatches[0]
+    assert last_line(result) == "verify: 2 object(s) checked, 1 mismatch(es)"
+
+
+def test_verify_reports_a_missing_local_file(app, runner, plivo) -> None:
+    archive(app, plivo, {"v-gone": b"gone"})
+    path = services(app).storage.local_path(str(row(app, "v-gone").archive_key))
+    assert path is not None
+    path.unlink()
+
+    result = invoke(runner, "verify")
+
+    assert result.exit_code == 1
+    assert any(line.startswith("MISSING v-gone") for line in result.output.splitlines()), (
+        result.output
+    )
+
+
+def test_verify_finds_an_overwritten_s3_object(
+    database_url: str, plivo, s3, bucket: str, tmp_path: Path
+) -> None:
+    app = create_app(
+        {"TESTING": True, "SETTINGS": make_settings(database_url, f"s3://{bucket}/arch", plivo)}
+    )
+    try:
+        runner = app.test_cli_runner()
+        archive(app, plivo, {"s3-ok": os.urandom(1500), "s3-bad": os.urandom(1500)})
+        clean = invoke(runner, "verify")
+        assert clean.exit_code == 0, clean.output
+        assert "0 mismatch(es)" in last_line(clean)
+
+        key = str(row(app, "s3-bad").archive_key)
+        assert key.startswith("arch/recordings/")
+        s3.put_object(Bucket=bucket, Key=key, Body=b"tampered")
+
+        result = invoke(runner, "verify")
+
+        assert result.exit_code == 1
+        mismatches = [line for line in result.output.splitlines() if line.startswith("MISMATCH")]
+        assert len(mismatches) == 1
+        assert "s3-bad" in mismatches[0]
+        assert "1 mismatch(es)" in last_line(result)
+    finally:
+        services(app).engine.dispose()

@@ -1,0 +1,852 @@
+"""The archive worker: claiming, streaming into the archive, retries, leases, refusing bad URLs."""
+
+from __future__ import annotations
+
+import datetime as dt
+import gzip
+import hashlib
+import io
+import itertools
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from flask import Flask
+from requests.adapters import BaseAdapter
+from sqlalchemy import select, update
+from werkzeug.serving import make_server
+
+from tests.conftest import make_settings, post_callback
+from tests.fakeplivo import FakePlivo
+from webhook import create_app, services
+from webhook.archive import media
+from webhook.archive.media import RefusedURL, check_url, open_media
+from webhook.archive.worker import MAX_RETRY_DELAY, Worker, retry_delay
+from webhook.config import Settings
+from webhook.db import transaction
+from webhook.models import Recording, Status, utcnow
+from webhook.recordings import parse_report, record_report
+
+AppFactory = Callable[..., Flask]
+
+
+@pytest.fixture
+def make_app(database_url: str, tmp_path: Path, plivo: FakePlivo) -> Iterator[AppFactory]:
+    """`make_app(archive_url=None, **env)`: an app on the test database with its own settings."""
+    apps: list[Flask] = []
+
+    def build(archive_url: str | None = None, **env: str) -> Flask:
+        settings = make_settings(
+            database_url, archive_url or f"file://{tmp_path}/archive", plivo, **env
+        )
+        app = create_app({"TESTING": True, "SETTINGS": settings})
+        apps.append(app)
+        return app
+
+    yield build
+    for app in apps:
+        services(app).engine.dispose()
+
+
+def queue(app: Flask, plivo: FakePlivo, recording_id: str, content: bytes, **kw: Any) -> dict:
+    """Finish a recording on the fake Plivo and deliver its signed callback; the params sent."""
+    params = plivo.finish_recording(recording_id, content, **kw)
+    response = post_callback(app.test_client(), plivo, params)
+    assert response.status_code == 200, response.get_json()
+    return params
+
+
+def queue_url(app: Flask, recording_id: str, record_url: str) -> None:
+    """Queue a recording whose callback named `record_url`, as the callback view would."""
+    report = parse_report(
+        {"recording_id": recording_id, "record_url": record_url, "recording_duration_ms": "1000"}
+    )
+    with transaction(services(app).sessions) as session:
+        assert record_report(session, report, "")
+
+
+def row(app: Flask, recording_id: str) -> Recording:
+    with services(app).sessions() as session:
+        return session.scalars(
+            select(Recording).where(Recording.recording_id == recording_id)
+        ).one()
+
+
+def set_row(app: Flask, recording_id: str, **values: Any) -> None:
+    with transaction(services(app).sessions) as session:
+        session.execute(
+            update(Recording).where(Recording.recording_id == recording_id).values(**values)
+        )
+
+
+def archive_files(app: Flask) -> list[Path]:
+    root = Path(services(app).settings.archive_url.removeprefix("file://"))
+    return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
+
+
+def media_paths(plivo: FakePlivo) -> list[str]:
+    return [path for path, _auth in plivo.media_requests]
+
+
+def expected_key(prefix: str, params: dict[str, str]) -> str:
+    start = dt.datetime.fromtimestamp(float(params["recording_start_ms"]) / 1000, dt.UTC)
+    return f"{prefix}recordings/{start:%Y/%m/%d}/{params['recording_id']}.mp3"
+
+
+# --- archiving ----------------------------------------------------------------------------------
+
+
+def test_queued_recording_is_archived_to_the_local_folder(app, plivo) -> None:
+    audio = os.urandom(300_000)
+    params = queue(app, plivo, "rec-local", audio)
+
+    assert Worker(services(app)).run(once=True) == 1
+
+    recording = row(app, "rec-local")
+    assert recording.status == Status.ARCHIVED
+    assert recording.archive_key == expected_key("", params)
+    assert recording.archive_size == len(audio)
+    assert recording.archive_sha256 == hashlib.sha256(audio).hexdigest()
+    assert recording.attempts == 1
+    assert recording.last_error is None
+    assert recording.lease_token is None
+    assert recording.archived_at is not None
+    path = services(app).storage.local_path(recording.archive_key)
+    assert path is not None
+    assert path.read_bytes() == audio
+    assert archive_files(app) == [path]
+
+    # Nothing is due any more: a second run downloads and writes nothing.
+    assert Worker(services(app)).run(once=True) == 0
+    assert len(plivo.media_requests) == 1
+    assert archive_files(app) == [path]
+
+
+def test_queued_recording_is_archived_to_s3_under_the_prefix(make_app, plivo, s3, bucket) -> None:
+    s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    app = make_app(f"s3://{bucket}/prefix")
+    audio = os.urandom(250_000)
+    params = queue(app, plivo, "rec-s3", audio)
+
+    assert Worker(services(app)).run(once=True) == 1
+
+    recording = row(app, "rec-s3")
+    key = expected_key("prefix/", params)
+    assert recording.status == Status.ARCHIVED
+    assert recording.archive_key == key
+    assert recording.archive_size == len(audio)
+    assert recording.archive_sha256 == hashlib.sha256(audio).hexdigest()
+    assert s3.get_object(Bucket=bucket, Key=key)["Body"].read() == audio
+    head = s3.head_object(Bucket=bucket, Key=key)
+    assert head["ServerSideEncryption"] == "AES256"
+    assert head["ContentType"] == "audio/mpeg"
+    assert recording.archive_version_id == head["VersionId"]
+
+    assert Worker(services(app)).run(once=True) == 0
+    objects = s3.list_objects_v2(Bucket=bucket)["Contents"]
+    assert [o["Key"] for o in objects] == [key]
+    versions = s3.list_object_versions(Bucket=bucket, Prefix=key)["Versions"]
+    assert len(versions) == 1
+
+
+def test_recording_above_the_part_size_streams_into_s3_multipart(
+    make_app, plivo, s3, bucket
+) -> None:
+    from webhook.archive.storage import PART_SIZE
+
+    app = make_app(f"s3://{bucket}")
+    audio = os.urandom(PART_SIZE + 1024 * 1024 + 7)
+    queue(app, plivo, "rec-big", audio)
+
+    assert Worker(services(app)).run(once=True) == 1
+
+    recording = row(app, "rec-big")
+    assert recording.status == Status.ARCHIVED, recording.last_error
+    assert recording.archive_size == len(audio)
+    assert recording.archive_sha256 == hashlib.sha256(audio).hexdigest()
+    key = str(recording.archive_key)
+    assert s3.get_object(Bucket=bucket, Key=key)["Body"].read() == audio
+    # Uploaded in parts: S3's ETag for a multipart object ends in the number of parts.
+    assert s3.head_object(Bucket=bucket, Key=key)["ETag"].strip('"').endswith("-2")
+    assert s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+
+
+def test_s3_archive_with_object_lock_sets_retention_from_the_end_time(
+    make_app, plivo, s3, s3_endpoint
+) -> None:
+    from tests.conftest import make_bucket
+
+    locked = make_bucket(s3_endpoint, object_lock=True)
+    app = make_app(f"s3://{locked}", RETENTION_DAYS="2555", OBJECT_LOCK_MODE="COMPLIANCE")
+    params = queue(app, plivo, "rec-locked", b"locked audio")
+
+    assert Worker(services(app)).run(once=True) == 1
+
+    recording = row(app, "rec-locked")
+    end = dt.datetime.fromtimestamp(int(float(params["recording_end_ms"])) / 1000, dt.UTC)
+    assert recording.retain_until is not None
+    assert abs(recording.retain_until - (end + dt.timedelta(days=2555))) < dt.timedelta(seconds=1)
+    head = s3.head_object(Bucket=locked, Key=recording.archive_key)
+    assert head["ObjectLockMode"] == "COMPLIANCE"
+    assert abs(head["ObjectLockRetainUntilDate"] - recording.retain_until) < dt.timedelta(seconds=1)
+
+
+def test_missing_durations_are_filled_from_plivo_recording_api(app, plivo) -> None:
+    params = plivo.finish_recording("rec-camel", b"camel audio", duration_ms=7250, scheme="camel")
+    for name in ("RecordingDuration", "RecordingDurationMs", "RecordingEndMs"):
+        del params[name]
+    assert post_callback(app.test_client(), plivo, params).status_code == 200
+    before = row(app, "rec-camel")
+    assert before.duration_ms is None
+    assert before.end_ms is None
+
+    assert Worker(services(app)).run(once=True) == 1
+
+    recording = row(app, "rec-camel")
+    assert recording.status == Status.ARCHIVED
+    assert recording.duration_ms == 7250
+    assert recording.duration_s == 7
+    assert recording.end_ms == int(float(params["RecordingStartMs"])) + 7250
+    assert any(
+        method == "GET" and path.endswith("/Recording/rec-camel/")
+        for method, path, _ in plivo.calls
+    )
+
+
+# --- media faults -------------------------------------------------------------------------------
+
+
+def test_media_server_error_is_retried_then_archived(app, plivo) -> None:
+    audio = os.urandom(5000)
+    queue(app, plivo, "rec-500", audio)
+    plivo.media_faults["rec-500"] = ["500"]
+
+    assert Worker(services(app)).run(once=True) == 2
+
+    recording = row(app, "rec-500")
+    assert recording.status == Status.ARCHIVED
+    assert recording.attempts == 2
+    assert recording.last_error is None
+    assert recording.archive_sha256 == hashlib.sha256(audio).hexdigest()
+    assert len(plivo.media_requests) == 2
+
+
+def test_media_404_on_every_attempt_ends_failed(app, plivo) -> None:
+    queue(app, plivo, "rec-404", b"never served")
+    plivo.media_faults["rec-404"] = ["404", "404", "404"]
+
+    assert Worker(services(app)).run(once=True) == 3
+
+    recording = row(app, "rec-404")
+    assert recording.status == Status.FAILED
+    assert recording.attempts == 3
+    assert "404" in (recording.last_error or "")
+    assert recording.next_attempt_at is None
+    assert recording.archive_sha256 is None
+    assert len(plivo.media_requests) == 3
+    assert archive_files(app) == []
+    # A failed recording is not picked up again.
+    assert Worker(services(app)).run(once=True) == 0
+
+
+def test_truncated_media_is_not_archived_and_is_retried(app, plivo) -> None:
+    audio = os.urandom(1024 * 1024)
+    params = queue(app, plivo, "rec-cut", audio)
+    plivo.media_faults["rec-cut"] = ["truncate"]
+    worker = Worker(services(app))
+
+    job = worker.claim()
+    assert job is not None
+    worker.process(job)
+
+    recording = row(app, "rec-cut")
+    assert recording.status == Status.PENDING
+    assert recording.attempts == 1
+    assert recording.last_error
+    assert recording.archive_sha256 is None
+    # Nothing truncated is kept where the recording belongs.
+    key_path = services(app).storage.local_path(expected_key("", params))
+    assert key_path is not None
+    assert "IncompleteRead" in recording.last_error or "promised" in recording.last_error
+    assert not key_path.exists()
+    assert archive_files(app) == []
+
+    assert worker.run(once=True) == 1
+    recording = row(app, "rec-cut")
+    assert recording.status == Status.ARCHIVED
+    assert recording.attempts == 2
+    assert key_path.read_bytes() == audio
+
+
+def test_stalled_media_times_out_and_is_retried(app, plivo, monkeypatch) -> None:
+    monkeypatch.setattr(media, "TIMEOUT", (2.0, 0.3))
+    plivo.stall_seconds = 2.0
+    audio = os.urandom(2000)
+    queue(app, plivo, "rec-stall", audio)
+    plivo.media_faults["rec-stall"] = ["stall"]
+    worker = Worker(services(app))
+
+    job = worker.claim()
+    assert job is not None
+    worker.process(job)
+
+    recording = row(app, "rec-stall")
+    assert recording.status == Status.PENDING
+    assert recording.attempts == 1
+    assert "timed out" in (recording.last_error or "").lower()
+
+    assert worker.run(once=True) == 1
+    recording = row(app, "rec-stall")
+    assert recording.status == Status.ARCHIVED
+    assert recording.archive_sha256 == hashlib.sha256(audio).hexdigest()
+
+
+def test_redirect_to_the_same_allowed_host_is_followed(app, plivo) -> None:
+    audio = os.urandom(4000)
+    queue(app, plivo, "rec-moved", audio)
+    plivo.finish_recording("rec-real", audio)
+    plivo.media_faults["rec-moved"] = [f"redirect:{plivo.media_url('rec-real')}"]
+
+    assert Worker(services(app)).run(once=True) == 1
+
+    recording = row(app, "rec-moved")
+    assert recording.status == Status.ARCHIVED
+    assert recording.attempts == 1
+    assert recording.archive_sha256 == hashlib.sha256(audio).hexdigest()
+    assert media_paths(plivo) == ["/media/rec-moved.mp3", "/media/rec-real.mp3"]
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "http://localhost:{port}/media/rec-evil.mp3",
+        "http://169.254.169.254/latest/meta-data/iam/security-credentials/",
+        "file:///etc/passwd",
+    ],
+)
+def test_redirect_to_a_host_not_allowed_fails_permanently_without_a_request(
+    app, plivo, target
+) -> None:
+    port = plivo.url.rsplit(":", 1)[1]
+    queue(app, plivo, "rec-redir", b"audio")
+    plivo.finish_recording("rec-evil", b"not to be fetched")
+    plivo.media_faults["rec-redir"] = [f"redirect:{target.format(port=port)}"]
+
+    assert Worker(services(app)).run(once=True) == 1
+
+    recording = row(app, "rec-redir")
+    assert recording.status == Status.FAILED
+    assert recording.attempts == 1
+    assert (recording.last_error or "").startswith("refused")
+    # The only request was the first one: the redirect target was never asked.
+    assert media_paths(plivo) == ["/media/rec-redir.mp3"]
+
+
+def test_record_url_on_a_host_not_allowed_fails_refused_without_a_request(app, plivo) -> None:
+    port = plivo.url.rsplit(":", 1)[1]
+    plivo.finish_recording("rec-elsewhere", b"audio")
+    # The fake answers on localhost too, but only 127.0.0.1 is in RECORDING_HOSTS.
+    queue_url(app, "rec-elsewhere", f"http://localhost:{port}/media/rec-elsewhere.mp3")
+
+    assert Worker(services(app)).run(once=True) == 1
+
+    recording = row(app, "rec-elsewhere")
+    assert recording.status == Status.FAILED
+    assert (recording.last_error or "").startswith("refused")
+    assert "localhost" in (recording.last_error or "")
+    assert plivo.media_requests == []
+
+
+@pytest.fixture
+def gzipping_media_host() -> Iterator[tuple[str, list[str], dict[str, bool]]]:
+    """A media host that compresses whenever the client says it accepts gzip (as CDNs do), or
+    always when `options["always"]` is set (a misbehaving one)."""
+    seen: list[str] = []
+    options = {"always": False}
+
+    def serve(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        accepted = environ.get("HTTP_ACCEPT_ENCODING", "")
+        seen.append(accepted)
+        body, headers = GZIPPED_AUDIO, [("Content-Type", "audio/mpeg")]
+        if "gzip" in accepted or options["always"]:
+            body = gzip.compress(GZIPPED_AUDIO)
+            headers.append(("Content-Encoding", "gzip"))
+        headers.append(("Content-Length", str(len(body))))
+        start_response("200 OK", headers)
+        return [body]
+
+    server = make_server("127.0.0.1", 0, serve, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    yield f"http://127.0.0.1:{server.port}/media/rec-gz.mp3", seen, options
+    server.shutdown()
+    thread.join()
+
+
+GZIPPED_AUDIO = b"ID3" + bytes(range(256)) * 200
+
+
+def test_media_is_archived_byte_exact_even_from_a_compressing_host(
+    app, gzipping_media_host
+) -> None:
+    url, seen, _options = gzipping_media_host
+    queue_url(app, "rec-gz", url)
+
+    assert Worker(services(app)).run(once=True) == 1
+
+    recording = row(app, "rec-gz")
+    assert recording.status == Status.ARCHIVED, recording.last_error
+    assert recording.archive_sha256 == hashlib.sha256(GZIPPED_AUDIO).hexdigest()
+    assert recording.archive_size == len(GZIPPED_AUDIO)
+    path = services(app).storage.local_path(str(recording.archive_key))
+    assert path is not None and path.read_bytes() == GZIPPED_AUDIO
+    assert len(seen) == 1
+
+
+def test_media_compressed_against_our_wishes_is_not_archived(app, gzipping_media_host) -> None:
+    url, _seen, options = gzipping_media_host
+    options["always"] = True
+    queue_url(app, "rec-gz", url)
+    worker = Worker(services(app))
+
+    job = worker.claim()
+    assert job is not None
+    worker.process(job)
+
+    recording = row(app, "rec-gz")
+    assert recording.status == Status.PENDING
+    assert "Content-Encoding gzip" in (recording.last_error or "")
+    assert recording.archive_sha256 is None
+    assert archive_files(app) == []
+
+
+def test_recording_without_record_url_fails_permanently(app) -> None:
+    with transaction(services(app).sessions) as session:
+        session.add(
+            Recording(
+                recording_id="rec-no-url",
+                start_ms=1_700_000_000_000,
+                status=Status.PENDING,
+                attempts=0,
+                next_attempt_at=utcnow(),
+                archive_key="recordings/2023/11/14/rec-no-url.mp3",
+                legal_hold=False,
+            )
+        )
+
+    assert Worker(services(app)).run(once=True) == 1
+
+    recording = row(app, "rec-no-url")
+    assert recording.status == Status.FAILED
+    assert "record_url" in (recording.last_error or "")
+
+
+def test_media_host_never_gets_plivo_credentials_over_plain_http(app, plivo) -> None:
+    queue(app, plivo, "rec-noauth", b"audio")
+
+    Worker(services(app)).run(once=True)
+
+    assert row(app, "rec-noauth").status == Status.ARCHIVED
+    assert plivo.media_requests == [("/media/rec-noauth.mp3", False)]
+
+
+# --- SSRF: which URLs the worker may fetch ------------------------------------------------------
+
+
+@pytest.fixture
+def resolve_to(monkeypatch) -> Callable[[str, str], None]:
+    """`resolve_to(host, address)`: DNS answers `address` for `host` (a rebinding attacker)."""
+    answers: dict[str, str] = {}
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host: str, port: Any, *args: Any, **kwargs: Any) -> Any:
+        if host in answers:
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (answers[host], port or 0))]
+        return real(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return answers.__setitem__
+
+
+@pytest.fixture
+def default_hosts(database_url: str, tmp_path: Path, plivo: FakePlivo) -> Settings:
+    """Settings as deployed without RECORDING_HOSTS: Plivo's own media hosts only."""
+    return make_settings(database_url, f"file://{tmp_path}/archive", plivo, RECORDING_HOSTS="")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://evil.example.test/x.mp3",
+        "https://media.plivo.com.evil.test/x.mp3",
+        "https://evilmedia.plivo.com/x.mp3",
+        "http://localhost/x.mp3",
+        "http://[::1]/x.mp3",
+        "http://2130706433/x.mp3",
+    ],
+)
+def test_check_url_refuses_hosts_not_listed(settings, url) -> None:
+    with pytest.raises(RefusedURL, match="not in RECORDING_HOSTS"):
+        check_url(url, settings)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "file:///etc/passwd",
+        "ftp://127.0.0.1/x.mp3",
+        "gopher://127.0.0.1:70/_x",
+        "dict://127.0.0.1:11211/",
+        "127.0.0.1/x.mp3",
+    ],
+)
+def test_check_url_refuses_other_schemes(settings, url) -> None:
+    with pytest.raises(RefusedURL, match="scheme"):
+        check_url(url, settings)
+
+
+def test_check_url_refuses_a_url_without_host(settings) -> None:
+    with pytest.raises(RefusedURL):
+        check_url("http:///x.mp3", settings)
+
+
+def test_check_url_allows_a_host_listed_explicitly(settings) -> None:
+    check_url("http://127.0.0.1:8080/media/x.mp3", settings)
+
+
+def test_default_hosts_refuse_loopback(default_hosts) -> None:
+    assert default_hosts.recording_hosts_listed is False
+    for url in ("http://127.0.0.1/x.mp3", "http://localhost/x.mp3", "http://10.0.0.1/x.mp3"):
+        with pytest.raises(RefusedURL):
+            check_url(url, default_hosts)
+
+
+def test_default_host_resolving_to_a_private_address_is_refused(default_hosts, resolve_to) -> None:
+    resolve_to("media.plivo.com", "127.0.0.1")
+    with pytest.raises(RefusedURL, match=r"non-public address 127\.0\.0\.1"):
+        check_url("https://media.plivo.com/v1/Account/X/Recording/r.mp3", default_hosts)
+    resolve_to("media.plivo.com", "169.254.169.254")
+    with pytest.raises(RefusedURL, match="non-public"):
+        check_url("https://media.plivo.com/v1/Account/X/Recording/r.mp3", default_hosts)
+
+
+def test_default_host_resolving_to_a_public_address_is_allowed(default_hosts, resolve_to) -> None:
+    resolve_to("media.plivo.com", "52.1.2.3")
+    check_url("https://media.plivo.com/v1/Account/X/Recording/r.mp3", default_hosts)
+
+
+def test_loopback_name_is_allowed_only_when_that_host_is_listed(settings, resolve_to) -> None:
+    resolve_to("media.internal.test", "127.0.0.1")
+    url = "http://media.internal.test/r.mp3"
+    listed = settings.replace(recording_hosts=("media.internal.test",))
+    check_url(url, listed)
+    # Matching a wildcard is not listing that very host: the private address is refused.
+    wildcard = settings.replace(recording_hosts=("*.internal.test",))
+    with pytest.raises(RefusedURL, match="non-public"):
+        check_url(url, wildcard)
+    with pytest.raises(RefusedURL, match="not in RECORDING_HOSTS"):
+        check_url(url, settings)
+
+
+class RecordingAdapter(BaseAdapter):
+    """A requests transport that answers from a table and remembers what was sent where."""
+
+    def __init__(self, routes: dict[str, tuple[int, dict[str, str], bytes]]) -> None:
+        super().__init__()
+        self.routes = routes
+        self.sent: list[tuple[str, str | None]] = []
+
+    def send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:
+        self.sent.append((str(request.url), request.headers.get("Authorization")))
+        status, headers, body = self.routes[str(request.url)]
+        response = requests.Response()
+        response.status_code = status
+        response.headers.update(headers)
+        response.raw = io.BytesIO(body)
+        response.url = str(request.url)
+        response.request = request
+        return response
+
+    def close(self) -> None:
+        pass
+
+
+def open_with(settings: Settings, url: str, routes: dict) -> tuple[bytes, RecordingAdapter]:
+    adapter = RecordingAdapter(routes)
+    http = requests.Session()
+    http.mount("http://", adapter)
+    http.mount("https://", adapter)
+    with open_media(url, settings, http=http) as response:
+        return response.raw.read(), adapter
+
+
+def test_plivo_credentials_go_only_to_plivo_media_over_https(settings) -> None:
+    hosts = settings.replace(
+        recording_hosts=("media.plivo.com", "cdn.example.test"), recording_hosts_listed=True
+    )
+    plivo_url = "https://media.plivo.com/v1/Account/X/Recording/r.mp3"
+    other_url = "https://cdn.example.test/r.mp3"
+    routes = {
+        plivo_url: (302, {"Location": other_url}, b""),
+        other_url: (200, {}, b"audio"),
+        "http://media.plivo.com/r.mp3": (200, {}, b"audio"),
+    }
+
+    body, adapter = open_with(hosts, plivo_url, routes)
+
+    assert body == b"audio"
+    (first_url, first_auth), (second_url, second_auth) = adapter.sent
+    assert first_url == plivo_url
+    assert first_auth is not None and first_auth.startswith("Basic ")
+    # The redirect leads elsewhere: the credentials do not follow it.
+    assert second_url == other_url
+    assert second_auth is None
+
+    _, adapter = open_with(hosts, other_url, routes)
+    assert adapter.sent == [(other_url, None)]
+    # Plivo's own host, but without TLS: no credentials in clear.
+    _, adapter = open_with(hosts, "http://media.plivo.com/r.mp3", routes)
+    assert adapter.sent == [("http://media.plivo.com/r.mp3", None)]
+
+
+def test_too_many_redirects_are_a_retryable_media_error(settings) -> None:
+    loop = "http://127.0.0.1/loop.mp3"
+    with pytest.raises(media.MediaError, match="redirects"):
+        open_with(settings, loop, {loop: (302, {"Location": loop}, b"")})
+
+
+# --- backoff ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("attempts", range(1, 10))
+def test_retry_delay_is_jittered_within_half_and_all_of_the_exponential_ceiling(
+    attempts: int,
+) -> None:
+    ceiling = 30 * 2 ** (attempts - 1)
+    delays = [retry_delay(attempts, 30) for _ in range(300)]
+    assert all(ceiling / 2 <= d <= ceiling for d in delays)
+    assert len(set(delays)) > 1
+    # The spread covers most of the window, not a single point of it.
+    assert max(delays) - min(delays) > ceiling / 4
+
+
+def test_retry_delay_doubles_with_each_attempt_and_is_capped() -> None:
+    lows = [min(retry_delay(n, 30) for _ in range(50)) for n in range(1, 8)]
+    assert all(later > earlier for earlier, later in itertools.pairwise(lows))
+    assert retry_delay(1, 30) <= 30
+    assert retry_delay(8, 30) >= 30 * 2**7 / 2
+    assert all(retry_delay(40, 30) <= MAX_RETRY_DELAY for _ in range(50))
+
+
+def test_failed_attempt_waits_before_the_next_one(make_app, plivo) -> None:
+    app = make_app(ARCHIVE_RETRY_BASE_SECONDS="30")
+    queue(app, plivo, "rec-wait", b"audio")
+    plivo.media_faults["rec-wait"] = ["500"]
+    before = utcnow()
+
+    assert Worker(services(app)).run(once=True) == 1
+
+    recording = row(app, "rec-wait")
+    assert recording.status == Status.PENDING
+    assert recording.attempts == 1
+    assert "500" in (recording.last_error or "")
+    assert recording.next_attempt_at is not None
+    wait = recording.next_attempt_at - before
+    assert dt.timedelta(seconds=15) <= wait <= dt.timedelta(seconds=31)
+    assert len(plivo.media_requests) == 1
+    # Due later, so another run does nothing now.
+    assert Worker(services(app)).run(once=True) == 0
+    assert len(plivo.media_requests) == 1
+
+
+# --- leases -------------------------------------------------------------------------------------
+
+
+def test_two_claims_take_two_different_jobs(app, plivo) -> None:
+    queue(app, plivo, "rec-a", b"a")
+    queue(app, plivo, "rec-b", b"b")
+    worker = Worker(services(app))
+
+    first, second = worker.claim(), worker.claim()
+
+    assert first is not None and second is not None
+    assert {first.recording_id, second.recording_id} == {"rec-a", "rec-b"}
+    assert first.lease_token != second.lease_token
+    assert worker.claim() is None
+    assert row(app, "rec-a").status == Status.ARCHIVING
+    assert row(app, "rec-a").attempts == 1
+
+
+def test_claimed_job_waits_for_its_lease_then_the_late_worker_is_ignored(app, plivo) -> None:
+    audio = os.urandom(3000)
+    queue(app, plivo, "rec-lease", audio)
+    first, second = Worker(services(app)), Worker(services(app))
+
+    slow = first.claim()
+    assert slow is not None
+    assert second.claim() is None
+
+    # The first worker went quiet: its lease runs out.
+    set_row(app, "rec-lease", next_attempt_at=utcnow() - dt.timedelta(seconds=1))
+    taken = second.claim()
+    assert taken is not None
+    assert taken.id == slow.id
+    assert taken.lease_token != slow.lease_token
+    assert taken.attempts == 2
+
+    # The first worker wakes up: whatever it concludes is not written.
+    assert first._settle(slow, status=Status.FAILED, last_error="late") is False
+    plivo.media_faults["rec-lease"] = ["404"]
+    first.process(slow)
+    recording = row(app, "rec-lease")
+    assert recording.status == Status.ARCHIVING
+    assert recording.lease_token == taken.lease_token
+    assert recording.last_error is None
+
+    second.process(taken)
+    recording = row(app, "rec-lease")
+    assert recording.status == Status.ARCHIVED
+    assert recording.attempts == 2
+    assert recording.archive_sha256 == hashlib.sha256(audio).hexdigest()
+
+    # Even a late success cannot overwrite the outcome the lease holder wrote.
+    first.process(slow)
+    assert row(app, "rec-lease").archived_at == recording.archived_at
+
+
+def test_long_download_keeps_extending_its_lease(make_app, plivo) -> None:
+    app = make_app(ARCHIVE_LEASE_SECONDS="5")  # extended every 5/3 s while the job runs
+    plivo.stall_seconds = 3.5
+    queue(app, plivo, "rec-long", b"slow audio")
+    plivo.media_faults["rec-long"] = ["stall"]
+    worker = Worker(services(app))
+    job = worker.claim()
+    assert job is not None
+    first_expiry = row(app, "rec-long").next_attempt_at
+    assert first_expiry is not None
+
+    runner = threading.Thread(target=worker.process, args=(job,))
+    runner.start()
+    deadline = time.monotonic() + 3.2
+    while time.monotonic() < deadline and row(app, "rec-long").next_attempt_at == first_expiry:
+        time.sleep(0.1)
+    extended = row(app, "rec-long").next_attempt_at
+    runner.join(timeout=10)
+
+    assert extended is not None and extended > first_expiry
+    recording = row(app, "rec-long")
+    assert recording.status == Status.ARCHIVED
+    assert recording.attempts == 1
+
+
+def test_worker_that_lost_its_lease_mid_download_leaves_the_job_alone(make_app, plivo) -> None:
+    app = make_app(ARCHIVE_LEASE_SECONDS="5")
+    plivo.stall_seconds = 2.5
+    queue(app, plivo, "rec-stolen", b"audio")
+    plivo.media_faults["rec-stolen"] = ["stall"]
+    worker = Worker(services(app))
+    job = worker.claim()
+    assert job is not None
+    # Another worker took the job over (its lease had expired while this one was stuck).
+    set_row(app, "rec-stolen", lease_token="another-worker-lease")
+
+    worker.process(job)
+
+    recording = row(app, "rec-stolen")
+    assert recording.status == Status.ARCHIVING
+    assert recording.lease_token == "another-worker-lease"
+    assert recording.attempts == 1
+    assert recording.last_error is None
+    assert archive_files(app) == []
+
+
+class StopAfter(threading.Event):
+    """A stop event that gets set on its `calls`-th check (a SIGTERM arriving mid-stream)."""
+
+    def __init__(self, calls: int) -> None:
+        super().__init__()
+        self.calls = calls
+
+    def is_set(self) -> bool:
+        self.calls -= 1
+        if self.calls <= 0:
+            self.set()
+        return super().is_set()
+
+
+def test_worker_stopped_mid_stream_gives_the_job_back_uncounted(app, plivo) -> None:
+    audio = os.urandom(4 * 1024 * 1024)
+    queue(app, plivo, "rec-stop", audio)
+    stop = StopAfter(calls=3)  # two 1 MiB reads go through, the third is refused
+    worker = Worker(services(app), stop)
+
+    job = worker.claim()
+    assert job is not None
+    worker.process(job)
+
+    recording = row(app, "rec-stop")
+    assert stop.is_set()
+    assert recording.status == Status.PENDING
+    assert recording.attempts == 0
+    assert recording.lease_token is None
+    assert recording.next_attempt_at is not None and recording.next_attempt_at <= utcnow()
+    assert recording.archive_sha256 is None
+    assert archive_files(app) == []
+
+    assert Worker(services(app)).run(once=True) == 1
+    recording = row(app, "rec-stop")
+    assert recording.status == Status.ARCHIVED
+    assert recording.attempts == 1
+
+
+def test_job_claimed_again_after_its_last_attempt_died_is_failed(app, plivo) -> None:
+    queue(app, plivo, "rec-dead", b"audio")
+    set_row(app, "rec-dead", attempts=services(app).settings.archive_max_attempts)
+
+    assert Worker(services(app)).run(once=True) == 1
+
+    recording = row(app, "rec-dead")
+    assert recording.status == Status.FAILED
+    assert "stopped" in (recording.last_error or "")
+    assert plivo.media_requests == []
+
+
+# --- several workers ----------------------------------------------------------------------------
+
+
+# On PostgreSQL the claims race through FOR UPDATE SKIP LOCKED; on SQLite the claiming UPDATE
+# takes the database's single write lock, so the same promise holds there too.
+def test_four_workers_archive_every_recording_exactly_once(app, plivo) -> None:
+    audio = {f"rec-{n:02d}": os.urandom(1000 + n) for n in range(40)}
+    for recording_id, content in audio.items():
+        queue(app, plivo, recording_id, content)
+    done: list[int] = []
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            done.append(Worker(services(app)).run(once=True))
+        except BaseException as exc:  # noqa: BLE001 - reported to the test thread below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+
+    assert errors == []
+    assert sum(done) == 40
+    for recording_id, content in audio.items():
+        recording = row(app, recording_id)
+        assert recording.status == Status.ARCHIVED, recording.last_error
+        assert recording.attempts == 1
+        assert recording.archive_sha256 == hashlib.sha256(content).hexdigest()
+    assert sorted(media_paths(plivo)) == sorted(f"/media/{r}.mp3" for r in audio)
+    assert len(archive_files(app)) == 40
