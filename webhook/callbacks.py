@@ -79,6 +79,10 @@ def recording_callback() -> Response:
     """Plivo's recording callback: accepted (or a duplicate) → 200 once committed."""
     body = request.get_data(cache=True, as_text=True) if request.method == "POST" else ""
     verdict, nonce = verify_signature()
+    action = request.values.get("ConferenceAction", "")
+    if action and action.lower() != "record":
+        # A Conference XML callbackUrl also receives member events (enter, exit, digits...).
+        return jsonify(status="ignored", conference_action=action[:32])
     report = parse_report(request.values.to_dict())
     g.recording_id = report.recording_id
 

@@ -73,6 +73,10 @@ class Settings:
         retention = _int(env, "RETENTION_DAYS", None, minimum=1)
         if (retention is None) != (lock_mode is None):
             raise ConfigError("RETENTION_DAYS and OBJECT_LOCK_MODE are set together or not at all")
+        if env.get("DYNO") and not (env.get("DATABASE_URL") and env.get("ARCHIVE_URL")):
+            # On Heroku the instance folder is per-dyno and wiped on restart: web and worker
+            # would each keep their own database and archive, and lose both.
+            raise ConfigError("DATABASE_URL and ARCHIVE_URL must be set on a platform dyno")
         default_db = "sqlite:///" + str(Path(instance_path) / "webhook.sqlite3")
         default_archive = "file://" + str(Path(instance_path) / "archive")
         public_url = env.get("PUBLIC_URL", "").strip().rstrip("/") or None

@@ -5,14 +5,15 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
-from alembic import command as alembic_command
-from alembic.config import Config as AlembicConfig
 from flask import current_app, g
 from sqlalchemy import CursorResult, Engine, Result, create_engine, event
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
+
+if TYPE_CHECKING:
+    from alembic.config import Config as AlembicConfig
 
 
 def make_engine(url: str, **kwargs: Any) -> Engine:
@@ -72,13 +73,21 @@ def is_disconnect(exc: BaseException) -> bool:
     return isinstance(exc, OperationalError)
 
 
-MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+def migrations_folder() -> Path:
+    """`migrations/` beside the package (a checkout or editable install), else in the cwd."""
+    for candidate in (Path(__file__).resolve().parent.parent, Path.cwd()):
+        if (candidate / "migrations" / "env.py").is_file():
+            return candidate / "migrations"
+    raise FileNotFoundError("no migrations/ folder beside the package or in the current directory")
 
 
 def alembic_config(database_url: str) -> AlembicConfig:
     """Alembic's configuration for the migrations in `migrations/`, aimed at `database_url`."""
+    # Imported here: Alembic is only needed by `webhook db upgrade`, not to serve requests.
+    from alembic.config import Config as AlembicConfig
+
     config = AlembicConfig()
-    config.set_main_option("script_location", str(MIGRATIONS))
+    config.set_main_option("script_location", str(migrations_folder()))
     # ConfigParser interpolation: a literal % in a password must be doubled.
     config.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
     return config
@@ -86,7 +95,9 @@ def alembic_config(database_url: str) -> AlembicConfig:
 
 def upgrade(database_url: str, revision: str = "head") -> None:
     """Apply the migrations up to `revision`."""
-    alembic_command.upgrade(alembic_config(database_url), revision)
+    from alembic import command
+
+    command.upgrade(alembic_config(database_url), revision)
 
 
 def rowcount(result: Result[Any]) -> int:

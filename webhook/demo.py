@@ -11,6 +11,7 @@ import io
 import json
 import logging
 import math
+import os
 import secrets
 import struct
 import threading
@@ -23,11 +24,11 @@ from typing import Any
 import click
 import requests
 from flask import Flask
-from werkzeug.serving import make_server
+from werkzeug.serving import BaseWSGIServer, make_server
 
-from webhook import create_app, logs, services
+from webhook import Services, create_app, logs, services
 from webhook.archive.worker import Worker
-from webhook.auth import add_staff
+from webhook.auth import add_staff, revoke_staff
 from webhook.config import Settings, load
 from webhook.db import transaction, upgrade
 from webhook.models import Role
@@ -66,9 +67,15 @@ def _media_server(audio: bytes) -> ThreadingHTTPServer:
     return server
 
 
+# The demo always runs on the embedded defaults, so it can never write a demo recording (and an
+# undeletable callback log entry) into a production database or bucket.
+PRODUCTION_VARIABLES = ("DATABASE_URL", "ARCHIVE_URL", "DYNO", "RETENTION_DAYS", "OBJECT_LOCK_MODE")
+
+
 def demo_settings(instance_path: str, port: int) -> Settings:
-    """The environment's settings, completed so the demo runs with no Plivo account."""
-    settings = load(instance_path)
+    """Embedded defaults, completed so the demo runs with no Plivo account."""
+    env = {k: v for k, v in os.environ.items() if k not in PRODUCTION_VARIABLES}
+    settings = load(instance_path, env)
     return settings.replace(
         plivo_auth_token=settings.plivo_auth_token or "demo-" + secrets.token_urlsafe(16),
         public_url=f"http://127.0.0.1:{port}",
@@ -80,8 +87,9 @@ def demo_settings(instance_path: str, port: int) -> Settings:
 
 def run_demo(port: int, serve: bool, instance_path: str | None = None) -> bool:
     """Serve, push one signed callback through, show the result; True if the audio is byte-exact."""
-    # Keep the demo's output readable: only warnings from the service's own JSON logs.
-    logs.configure(logging.WARNING)
+    # Keep the demo's output readable: only errors from the service's own JSON logs (the refused
+    # forgery is shown by the demo itself).
+    logs.configure(logging.ERROR)
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     probe = Flask("webhook", instance_relative_config=True)
@@ -89,7 +97,12 @@ def run_demo(port: int, serve: bool, instance_path: str | None = None) -> bool:
     app = create_app({"SETTINGS": settings})
     svc = services(app)
     upgrade(settings.database_url)
-    server = make_server("127.0.0.1", port, app, threaded=True)
+    try:
+        server = make_server("127.0.0.1", port, app, threaded=True)
+    except OSError as exc:
+        raise click.ClickException(
+            f"port {port} is not free ({exc}); pick one with --port"
+        ) from None
     threading.Thread(target=server.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{port}"
 
@@ -136,8 +149,9 @@ def run_demo(port: int, serve: bool, instance_path: str | None = None) -> bool:
     jobs = Worker(svc).run(once=True)
     click.echo(f"worker:    archived {jobs} recording(s)")
 
+    staff_name = f"demo-{secrets.token_hex(3)}"
     with transaction(svc.sessions) as session:
-        token = add_staff(session, f"demo-{secrets.token_hex(3)}", Role.ADMIN)
+        token = add_staff(session, staff_name, Role.ADMIN)
     headers = {"Authorization": f"Bearer {token}"}
     shown = requests.get(f"{base}/api/recordings/{recording_id}", headers=headers, timeout=10)
     click.echo(f"api:       GET /api/recordings/{recording_id} ->")
@@ -153,11 +167,11 @@ def run_demo(port: int, serve: bool, instance_path: str | None = None) -> bool:
     )
     media.shutdown()
     if not serve:
-        server.shutdown()
-        svc.engine.dispose()
+        _close(svc, server, staff_name)
         return exact
     click.echo(
-        f"\nThe service keeps running at {base} with its worker. An admin token for you:\n"
+        f"\nThe service keeps running at {base} with its worker. An admin token for you"
+        " (revoked when the demo stops):\n"
         f"  curl -H 'Authorization: Bearer {token}' {base}/api/recordings\n"
         "Press Ctrl-C to stop."
     )
@@ -167,5 +181,13 @@ def run_demo(port: int, serve: bool, instance_path: str | None = None) -> bool:
     except KeyboardInterrupt:
         pass
     finally:
-        server.shutdown()
+        _close(svc, server, staff_name)
     return exact
+
+
+def _close(svc: Services, server: BaseWSGIServer, staff_name: str) -> None:
+    """Stop serving and revoke the demo's admin token."""
+    server.shutdown()
+    with transaction(svc.sessions) as session:
+        revoke_staff(session, staff_name)
+    svc.engine.dispose()

@@ -74,6 +74,16 @@ FILTER_PARAMS = [
     _query("min_duration", "Seconds, at least", {"type": "number", "minimum": 0, "maximum": 1e9}),
     _query("max_duration", "Seconds, at most", {"type": "number", "minimum": 0, "maximum": 1e9}),
     _query("legal_hold", "Under legal hold or not", {"type": "string", "enum": ["true", "false"]}),
+    _query(
+        "retained_until_after",
+        "Object Lock retain-until at or after (ISO-8601; UTC if no zone)",
+        TEXT,
+    ),
+    _query(
+        "retained_until_before",
+        "Object Lock retain-until before (ISO-8601; UTC if no zone)",
+        TEXT,
+    ),
 ]
 PAGE_PARAMS = [
     _query(
@@ -180,7 +190,8 @@ SCHEMAS: dict[str, Any] = {
     "CallbackAnswer": {
         "type": "object",
         "properties": {
-            "status": {"type": "string", "enum": ["accepted", "duplicate"]},
+            "status": {"type": "string", "enum": ["accepted", "duplicate", "ignored"]},
+            "conference_action": {"type": "string"},
             "recording_id": STRING,
         },
     },
