@@ -742,3 +742,22 @@ def test_other_methods_on_callback_path_get_405_json(client):
     response = client.put("/plivo/recording")
     assert_error(response, 405, "method_not_allowed")
     assert "POST" in response.headers["Allow"]
+
+
+def test_conference_member_events_on_an_xml_callback_url_are_ignored(app, client, plivo):
+    params = {
+        "ConferenceAction": "enter",
+        "ConferenceName": "Room 1",
+        "ConferenceUUID": "c-1",
+        "CallUUID": "call-1",
+    }
+    response = post_callback(client, plivo, params)
+    assert response.status_code == 200
+    assert response.json == {"status": "ignored", "conference_action": "enter"}
+    assert count(app, Recording) == 0
+    assert count(app, CallbackLog) == 0
+
+
+def test_conference_member_events_still_need_a_signature(app, client, plivo):
+    response = client.post("/plivo/recording", data={"ConferenceAction": "exit"})
+    assert response.status_code == 403

@@ -97,7 +97,7 @@ class Settings:
             archive_max_attempts=_int(env, "ARCHIVE_MAX_ATTEMPTS", 8, minimum=1) or 8,
             nonce_ttl_seconds=_int(env, "NONCE_TTL_SECONDS", 86400, minimum=60) or 86400,
             max_callback_bytes=_int(env, "MAX_CALLBACK_BYTES", 64 * 1024, minimum=1024) or 65536,
-            presign_seconds=min(_int(env, "PRESIGN_SECONDS", 300, minimum=1) or 300, 300),
+            presign_seconds=min(_int(env, "PRESIGN_SECONDS", 60, minimum=1) or 60, 300),
         )
 
     def replace(self, **changes: Any) -> Settings:
