@@ -37,6 +37,8 @@ FILTERS = (
     "min_duration",
     "max_duration",
     "legal_hold",
+    "retained_until_after",
+    "retained_until_before",
 )
 
 
@@ -73,17 +75,27 @@ class RecordingFilter:
     min_duration_ms: int | None = None
     max_duration_ms: int | None = None
     legal_hold: bool | None = None
+    retained_after: dt.datetime | None = None
+    retained_before: dt.datetime | None = None
 
 
-def parse_time_ms(name: str, raw: str) -> int:
-    """An ISO-8601 date or date-time (UTC when no zone is given) as epoch milliseconds."""
+def parse_time(name: str, raw: str) -> dt.datetime:
+    """An ISO-8601 date or date-time (UTC when no zone is given) as an aware UTC datetime."""
     try:
         value = dt.datetime.fromisoformat(raw.strip())
     except ValueError:
         raise BadParameter(name, f"{name} must be an ISO-8601 date or date-time") from None
     if value.tzinfo is None:
         value = value.replace(tzinfo=dt.UTC)
-    return int(value.timestamp() * 1000)
+    try:
+        return value.astimezone(dt.UTC)
+    except OverflowError:
+        raise BadParameter(name, f"{name} is out of range") from None
+
+
+def parse_time_ms(name: str, raw: str) -> int:
+    """An ISO-8601 date or date-time (UTC when no zone is given) as epoch milliseconds."""
+    return int(parse_time(name, raw).timestamp() * 1000)
 
 
 def _seconds_ms(name: str, raw: str) -> int:
@@ -116,6 +128,7 @@ def parse_filter(args: Mapping[str, str]) -> RecordingFilter:
     participant = text("participant")
     since, until = text("since"), text("until")
     low, high = text("min_duration"), text("max_duration")
+    retained_after, retained_before = text("retained_until_after"), text("retained_until_before")
     result = RecordingFilter(
         conference=text("conference"),
         conference_prefix=text("conference_prefix"),
@@ -126,6 +139,12 @@ def parse_filter(args: Mapping[str, str]) -> RecordingFilter:
         min_duration_ms=_seconds_ms("min_duration", low) if low else None,
         max_duration_ms=_seconds_ms("max_duration", high) if high else None,
         legal_hold=None if legal_hold is None else legal_hold == "true",
+        retained_after=parse_time("retained_until_after", retained_after)
+        if retained_after
+        else None,
+        retained_before=parse_time("retained_until_before", retained_before)
+        if retained_before
+        else None,
     )
     if (
         result.since_ms is not None
@@ -133,6 +152,14 @@ def parse_filter(args: Mapping[str, str]) -> RecordingFilter:
         and result.until_ms < result.since_ms
     ):
         raise BadParameter("until", "until is before since")
+    if (
+        result.retained_after is not None
+        and result.retained_before is not None
+        and result.retained_before < result.retained_after
+    ):
+        raise BadParameter(
+            "retained_until_before", "retained_until_before is before retained_until_after"
+        )
     return result
 
 
@@ -173,6 +200,10 @@ def recordings_query(f: RecordingFilter, after: Cursor | None = None) -> Select[
         query = query.where(Recording.duration_ms <= f.max_duration_ms)
     if f.legal_hold is not None:
         query = query.where(Recording.legal_hold.is_(f.legal_hold))
+    if f.retained_after is not None:
+        query = query.where(Recording.retain_until >= f.retained_after)
+    if f.retained_before is not None:
+        query = query.where(Recording.retain_until < f.retained_before)
     if after is not None:
         query = query.where(
             or_(
