@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from flask import Flask
 from sqlalchemy import select
+from sqlalchemy.exc import DatabaseError
 
 from tests.conftest import make_bucket, make_settings, post_callback, token_for
 from tests.fakeplivo import FakePlivo
@@ -23,7 +24,7 @@ from tests.test_cli import worker_command_isolated  # noqa: F401 - a fixture, na
 from webhook import create_app, services
 from webhook.archive.worker import Worker
 from webhook.cli import cli
-from webhook.models import Recording, Role, Status
+from webhook.models import Base, Recording, Role, Status
 
 RETENTION_DAYS = 30
 LOCKED = {"RETENTION_DAYS": str(RETENTION_DAYS), "OBJECT_LOCK_MODE": "GOVERNANCE"}
@@ -500,3 +501,32 @@ def test_openapi_documents_the_retention_filters(locked_app: Flask) -> None:
     for path in ("/api/recordings", "/api/recordings/export"):
         names = {p["name"] for p in paths[path]["get"]["parameters"]}
         assert {"retained_until_after", "retained_until_before", "legal_hold"} <= names
+
+
+def test_every_hold_change_is_kept_in_an_append_only_history_shown_with_the_recording(
+    locked_app: Flask, plivo: FakePlivo
+) -> None:
+    archive(locked_app, plivo, ("hist-1", NOW_MS))
+    assert (
+        put_hold(locked_app, "hist-1", {"on": True, "reason": "FINRA 4511 request"}).status_code
+        == 200
+    )
+    lifted = put_hold(locked_app, "hist-1", {"on": False, "reason": "matter closed"})
+    assert lifted.status_code == 200
+    assert lifted.get_json()["legal_hold_reason"] is None
+
+    shown = get_recording(locked_app, "hist-1")
+    history = shown["legal_hold_history"]
+    assert [(e["on"], e["reason"]) for e in history] == [
+        (True, "FINRA 4511 request"),
+        (False, "matter closed"),
+    ]
+    assert all(e["staff"] and e["at"].endswith("Z") for e in history)
+
+    events = Base.metadata.tables["legal_hold_events"]
+    with services(locked_app).engine.connect() as conn:
+        with pytest.raises(DatabaseError, match="append-only"):
+            conn.execute(events.update().values(reason="edited"))
+        conn.rollback()
+        with pytest.raises(DatabaseError, match="append-only"):
+            conn.execute(events.delete())

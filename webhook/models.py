@@ -179,6 +179,19 @@ class SeenNonce(Base):
     seen_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
 
 
+class LegalHoldEvent(Base):
+    """Every placing or lifting of a legal hold, with who and why (append-only)."""
+
+    __tablename__ = "legal_hold_events"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    recording_id: Mapped[str] = mapped_column(String(64), index=True)
+    on: Mapped[bool] = mapped_column(Boolean)
+    reason: Mapped[str | None] = mapped_column(Text)
+    staff_name: Mapped[str] = mapped_column(String(64))
+    at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
 class Staff(Base):
     """A person (or script) holding an API token; only the token's SHA-256 is kept."""
 

@@ -150,6 +150,20 @@ SCHEMAS: dict[str, Any] = {
             "last_error": NULLABLE_STRING,
             "retain_until": NULLABLE_STRING,
             "legal_hold": {"type": "boolean"},
+            "legal_hold_reason": NULLABLE_STRING,
+            "legal_hold_history": {
+                "type": "array",
+                "description": "Only in GET /api/recordings/{recording_id}",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "on": {"type": "boolean"},
+                        "reason": NULLABLE_STRING,
+                        "staff": STRING,
+                        "at": STRING,
+                    },
+                },
+            },
             "created_at": NULLABLE_STRING,
             "updated_at": NULLABLE_STRING,
         },

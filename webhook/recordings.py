@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session, selectinload
 
 from webhook.db import rowcount
 from webhook.errors import BadParameter
-from webhook.models import Participant, Recording, Status, utcnow
+from webhook.models import LegalHoldEvent, Participant, Recording, Status, utcnow
 
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 RECORDING_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -295,6 +295,18 @@ def find(session: Session, recording_id: str) -> Recording | None:
     ).one_or_none()
 
 
+def legal_hold_history(session: Session, recording_id: str) -> list[dict[str, Any]]:
+    """Every placing and lifting of a hold on this recording, oldest first."""
+    events = session.scalars(
+        select(LegalHoldEvent)
+        .where(LegalHoldEvent.recording_id == recording_id)
+        .order_by(LegalHoldEvent.id)
+    )
+    return [
+        {"on": e.on, "reason": e.reason, "staff": e.staff_name, "at": _iso(e.at)} for e in events
+    ]
+
+
 def _iso(value: dt.datetime | None) -> str | None:
     return None if value is None else value.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -321,6 +333,7 @@ def to_json(recording: Recording, with_participants: bool = True) -> dict[str, A
         "last_error": recording.last_error,
         "retain_until": _iso(recording.retain_until),
         "legal_hold": recording.legal_hold,
+        "legal_hold_reason": recording.legal_hold_reason,
         "created_at": _iso(recording.created_at),
         "updated_at": _iso(recording.updated_at),
     }

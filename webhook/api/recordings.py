@@ -7,7 +7,16 @@ import io
 import json
 from collections.abc import Iterator
 
-from flask import Blueprint, Response, current_app, jsonify, redirect, request, stream_with_context
+from flask import (
+    Blueprint,
+    Response,
+    current_app,
+    g,
+    jsonify,
+    redirect,
+    request,
+    stream_with_context,
+)
 from flask.typing import ResponseReturnValue
 from sqlalchemy.orm import selectinload
 
@@ -17,8 +26,8 @@ from webhook.audit import note_recordings
 from webhook.auth import require
 from webhook.db import request_session
 from webhook.errors import APIError, BadParameter
-from webhook.models import Recording, Role, Status
-from webhook.recordings import find, to_json
+from webhook.models import LegalHoldEvent, Recording, Role, Status
+from webhook.recordings import find, legal_hold_history, to_json
 from webhook.search import Cursor, parse_filter, parse_limit, recordings_query
 
 bp = Blueprint("recordings", __name__)
@@ -75,8 +84,10 @@ def _get(recording_id: str) -> Recording:
 @bp.get("/recordings/<recording_id>")
 @require(Role.COMPLIANCE)
 def get_recording(recording_id: str) -> Response:
-    """One recording: metadata, participants, archive."""
-    return jsonify(to_json(_get(recording_id)))
+    """One recording: metadata, participants, archive, and its legal hold history."""
+    body = to_json(_get(recording_id))
+    body["legal_hold_history"] = legal_hold_history(request_session(), recording_id)
+    return jsonify(body)
 
 
 @bp.get("/recordings/<recording_id>/audio")
@@ -197,7 +208,13 @@ def set_legal_hold(recording_id: str) -> Response:
         )
     except StorageError as exc:
         raise APIError(502, "legal_hold_failed", str(exc)) from None
+    session = request_session()
     recording.legal_hold = body["on"]
-    recording.legal_hold_reason = reason
-    request_session().commit()
+    recording.legal_hold_reason = reason if body["on"] else None
+    session.add(
+        LegalHoldEvent(
+            recording_id=recording_id, on=body["on"], reason=reason, staff_name=g.staff_name
+        )
+    )
+    session.commit()
     return jsonify(to_json(recording))

@@ -276,7 +276,9 @@ class Worker:
         if days is None:
             return None
         end_ms = job.end_ms or job.start_ms + (job.duration_ms or 0)
-        return dt.datetime.fromtimestamp(end_ms / 1000, dt.UTC) + dt.timedelta(days=days)
+        # S3 keeps retain-until in whole seconds: round up so the lock never ends early.
+        end_s = -(-end_ms // 1000)
+        return dt.datetime.fromtimestamp(end_s, dt.UTC) + dt.timedelta(days=days)
 
     def _copy(self, job: Job, interrupted: Callable[[], bool]) -> StoredObject:
         assert job.record_url is not None
