@@ -21,7 +21,7 @@ from werkzeug.serving import make_server
 from werkzeug.wrappers import Request, Response
 
 from tests.fakeplivo import NONCE_HEADER, SIGNATURE_HEADER, FakePlivo
-from webhook.plivo import sign, signature_base, signature_matches
+from webhook.signature import sign, signature_base, signature_matches
 
 AUTH_TOKEN = "MjQ4ZDc5OTNiODVhNjFkZjNkZDEyNGI0ZDk4ZmYz"
 OTHER_TOKEN = "ZmYzNGI0ZDk4MjQ4ZDc5OTNiODVhNjFkZjNkZDEy"
@@ -275,7 +275,7 @@ def test_signature_for_another_method_is_refused(signed: str, verified: str) -> 
     assert not ours_accepts(verified, CALLBACK_URL, RECORDING_CALLBACK, NONCE, header, AUTH_TOKEN)
 
 
-# Inputs on which webhook.plivo and the official Python SDK disagree. Each is strict: if the
+# Inputs on which webhook.signature and the official Python SDK disagree. Each is strict: if the
 # disagreement goes away, the test fails, so this list stays true. See the notes per case.
 KNOWN_DISAGREEMENTS = [
     # The SDK parses the URL's query as bytes and turns each byte into a character (Latin-1), so

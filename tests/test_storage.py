@@ -14,15 +14,15 @@ import pytest
 import requests
 
 from tests.conftest import make_bucket
+from webhook.archive.s3 import S3Storage
 from webhook.archive.storage import (
     PART_SIZE,
     HashingReader,
     LocalStorage,
-    S3Storage,
     StorageError,
-    archive_prefix,
     open_storage,
 )
+from webhook.config import archive_prefix
 
 SMALL_PART = 1024
 MiB = 1024 * 1024

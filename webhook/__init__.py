@@ -35,7 +35,8 @@ class Services:
 
     @cached_property
     def plivo(self) -> PlivoClient:
-        from webhook.plivo import PlivoClient, PlivoError
+        from webhook.errors import PlivoError
+        from webhook.plivo import PlivoClient
 
         s = self.settings
         if not (s.plivo_auth_id and s.plivo_auth_token):

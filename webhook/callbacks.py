@@ -7,12 +7,12 @@ import logging
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from webhook import services
-from webhook.archive.storage import archive_prefix
+from webhook.config import archive_prefix
 from webhook.db import request_session
 from webhook.errors import APIError
 from webhook.models import CallbackLog, SeenNonce, utcnow
-from webhook.plivo import NONCE_HEADER, SIGNATURE_HEADERS, signature_matches
 from webhook.recordings import insert_ignoring_conflict, parse_report, record_report
+from webhook.signature import NONCE_HEADER, SIGNATURE_HEADERS, signature_matches
 
 bp = Blueprint("callbacks", __name__)
 log = logging.getLogger(__name__)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import signal
 import sys
@@ -16,15 +15,15 @@ from sqlalchemy import select
 from tqdm import tqdm
 
 from webhook import create_app, logs, services
-from webhook.archive.storage import ObjectLockMissing, StorageError, archive_prefix
+from webhook.archive.reconcile import reconcile
+from webhook.archive.storage import ObjectLockMissing, StorageError
 from webhook.archive.worker import Worker
 from webhook.auth import add_staff, revoke_staff
 from webhook.db import transaction, upgrade
-from webhook.errors import BadParameter
+from webhook.errors import BadParameter, PlivoError
 from webhook.models import Recording, Role, Staff, Status
-from webhook.plivo import PlivoError
-from webhook.recordings import parse_report, record_report, requeue
-from webhook.search import parse_time_ms
+from webhook.recordings import requeue
+from webhook.search import parse_time
 
 cli = FlaskGroup(create_app=create_app, help="Plivo conference recording archive.")
 db_cli = AppGroup("db", help="The database schema (Alembic migrations).")
@@ -129,56 +128,27 @@ def requeue_command(recording_id: str | None, failed: bool) -> None:
     click.echo(f"requeued {count} recording(s)")
 
 
-def _plivo_report(details: dict[str, Any]) -> dict[str, str]:
-    """A Plivo Recording API object in the callback's field names."""
-    return {
-        "recording_id": str(details.get("recording_id") or ""),
-        "record_url": str(details.get("recording_url") or ""),
-        "conference_name": str(details.get("conference_name") or ""),
-        "recording_duration_ms": str(details.get("recording_duration_ms") or ""),
-        "recording_start_ms": str(details.get("recording_start_ms") or ""),
-        "recording_end_ms": str(details.get("recording_end_ms") or ""),
-    }
-
-
 @cli.command("reconcile")
 @click.option("--since", help="Only recordings Plivo added at or after this ISO-8601 time.")
-def reconcile(since: str | None) -> None:
+def reconcile_command(since: str | None) -> None:
     """Queue every recording Plivo has that the archive lacks (callbacks that never came)."""
-    svc = services(current_app)
-    filters: dict[str, str] = {}
+    after = None
     if since:
         try:
-            since_ms = parse_time_ms("since", since)
+            after = parse_time("since", since)
         except BadParameter as exc:
             raise click.BadParameter(exc.message, param_hint="--since") from None
-        filters["add_time__gte"] = dt.datetime.fromtimestamp(since_ms / 1000, dt.UTC).strftime(
-            "%Y-%m-%d %H:%M:%S"
-        )
-    seen = queued = skipped = 0
-    prefix = archive_prefix(svc.settings.archive_url)
-    try:
-        with _progress(None, "recording") as bar:
-            for details in svc.plivo.iter_recordings(**filters):
-                seen += 1
-                bar.update(1)
-                if details.get("recording_type") not in (None, "conference"):
-                    skipped += 1  # not ours to archive; not "already known" either
-                    continue
-                try:
-                    report = parse_report(_plivo_report(details))
-                except BadParameter as exc:
-                    skipped += 1
-                    click.echo(f"skipped {details.get('recording_id')}: {exc.message}", err=True)
-                    continue
-                with transaction(svc.sessions) as session:
-                    queued += record_report(session, report, prefix)
-    except PlivoError as exc:
-        raise click.ClickException(f"Plivo: {exc.message} (after {seen} recordings)") from None
-    click.echo(
-        f"reconcile: {seen} recording(s) on Plivo, {queued} queued, "
-        f"{seen - queued - skipped} already known, {skipped} skipped"
-    )
+    with _progress(None, "recording") as bar:
+        try:
+            result = reconcile(
+                services(current_app),
+                after,
+                progress=lambda: bar.update(1),
+                warn=lambda line: click.echo(line, err=True),
+            )
+        except PlivoError as exc:
+            raise click.ClickException(f"Plivo: {exc.message} (after {bar.n} recordings)") from None
+    click.echo(result.summary())
 
 
 @cli.command("verify")

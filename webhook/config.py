@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 PLIVO_MEDIA_HOSTS = ("media.plivo.com",)
 DEFAULT_RECORDING_HOSTS = (*PLIVO_MEDIA_HOSTS, "s3.amazonaws.com")
@@ -15,6 +16,15 @@ OBJECT_LOCK_MODES = ("GOVERNANCE", "COMPLIANCE")
 
 class ConfigError(ValueError):
     """A setting in the environment cannot be used."""
+
+
+def archive_prefix(archive_url: str) -> str:
+    """The key prefix an ARCHIVE_URL asks for (`s3://bucket/prefix` → `prefix/`)."""
+    parts = urlsplit(archive_url)
+    if parts.scheme != "s3":
+        return ""
+    prefix = unquote(parts.path).strip("/")
+    return f"{prefix}/" if prefix else ""
 
 
 def normalise_database_url(url: str) -> str:

@@ -32,7 +32,7 @@ from webhook.auth import add_staff, revoke_staff
 from webhook.config import Settings, load
 from webhook.db import transaction, upgrade
 from webhook.models import Role
-from webhook.plivo import NONCE_HEADER, sign, signature_base
+from webhook.signature import NONCE_HEADER, sign, signature_base
 
 
 def tone_wav(seconds: float = 2.0, rate: int = 8000, hz: float = 440.0) -> bytes:

@@ -10,7 +10,6 @@ from sqlalchemy.exc import DBAPIError
 from werkzeug.exceptions import HTTPException
 
 from webhook.db import is_disconnect
-from webhook.plivo import PlivoError
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +22,10 @@ class APIError(Exception):
         self.status = status
         self.code = code
         self.message = message
+
+
+class PlivoError(APIError):
+    """Plivo could not do what was asked; `status` and `code` are what our own API answers."""
 
 
 class BadParameter(APIError):
@@ -49,10 +52,6 @@ def init_app(app: Flask) -> None:
 
     @app.errorhandler(APIError)
     def _api_error(exc: APIError) -> Response:
-        return error_response(exc.status, exc.code, exc.message)
-
-    @app.errorhandler(PlivoError)
-    def _plivo_error(exc: PlivoError) -> Response:
         return error_response(exc.status, exc.code, exc.message)
 
     @app.errorhandler(HTTPException)

@@ -8,13 +8,12 @@ from contextlib import contextmanager
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from webhook import services
-from webhook.archive.storage import archive_prefix
 from webhook.audit import note_recordings
 from webhook.auth import require
+from webhook.config import archive_prefix
 from webhook.db import request_session
-from webhook.errors import APIError, BadParameter
+from webhook.errors import APIError, BadParameter, PlivoError
 from webhook.models import Role
-from webhook.plivo import PlivoError
 from webhook.recordings import CONTROL_CHARACTERS, FILE_FORMATS, record_start, to_json
 
 bp = Blueprint("conferences", __name__)

@@ -10,24 +10,16 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Protocol, cast
+from typing import Protocol
 from urllib.parse import unquote, urlsplit
 
-import boto3
-from boto3.exceptions import Boto3Error
-from boto3.s3.transfer import TransferConfig
-from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
-
 from webhook.config import Settings
-
-if TYPE_CHECKING:
-    from mypy_boto3_s3 import S3Client
 
 # Parts of a multipart upload. The hash of each part is kept so that S3's composite checksum
 # (SHA-256 of the parts' SHA-256s) can be checked; 16 MiB parts allow objects up to 160 GiB.
 PART_SIZE = 16 * 1024 * 1024
 READ_SIZE = 1024 * 1024
+STOP_CHECK_BYTES = 64 * 1024
 
 
 class StorageError(Exception):
@@ -71,13 +63,14 @@ class HashingReader:
         self.size = 0
 
     def read(self, size: int = -1) -> bytes:
-        if self._interrupted():
-            raise Interrupted("stopped while streaming")
         wanted = READ_SIZE if size is None or size < 0 else size
         chunks: list[bytes] = []
         got = 0
         while got < wanted:
-            chunk = self._read(wanted - got)
+            # Checked per small chunk, not per (16 MiB) read: a slow host must not delay a stop.
+            if self._interrupted():
+                raise Interrupted("stopped while streaming")
+            chunk = self._read(min(wanted - got, STOP_CHECK_BYTES))
             if not chunk:
                 break
             chunks.append(chunk)
@@ -136,21 +129,15 @@ class Storage(Protocol):
     def set_legal_hold(self, key: str, version_id: str | None, on: bool) -> None: ...
 
 
-def archive_prefix(archive_url: str) -> str:
-    """The key prefix an ARCHIVE_URL asks for (`s3://bucket/prefix` → `prefix/`)."""
-    parts = urlsplit(archive_url)
-    if parts.scheme != "s3":
-        return ""
-    prefix = unquote(parts.path).strip("/")
-    return f"{prefix}/" if prefix else ""
-
-
 def open_storage(settings: Settings) -> Storage:
     """The storage named by ARCHIVE_URL (`s3://bucket/prefix` or `file:///path`)."""
     parts = urlsplit(settings.archive_url)
     if parts.scheme == "s3":
         if not parts.netloc:
             raise StorageError("ARCHIVE_URL s3://… must name a bucket")
+        # Imported here: boto3 takes a while to import and is needed only for an S3 archive.
+        from webhook.archive.s3 import S3Storage
+
         return S3Storage(parts.netloc, settings.object_lock_mode)
     if parts.scheme in ("file", ""):
         path = (
@@ -160,123 +147,6 @@ def open_storage(settings: Settings) -> Storage:
     raise StorageError(
         f"ARCHIVE_URL must be s3://bucket/prefix or file:///path, not {parts.scheme}:"
     )
-
-
-class S3Storage:
-    """An S3 bucket (or any S3-compatible store via AWS_ENDPOINT_URL, which boto3 reads itself)."""
-
-    def __init__(self, bucket: str, object_lock_mode: str | None = None) -> None:
-        self.bucket = bucket
-        self.object_lock_mode = object_lock_mode
-        self.description = f"s3://{bucket}"
-        self.client: S3Client = boto3.session.Session().client(
-            "s3",
-            config=Config(
-                # SigV4 presigned links carry their own short expiry (X-Amz-Expires).
-                signature_version="s3v4",
-                retries={"mode": "standard", "max_attempts": 5},
-                connect_timeout=5,
-                read_timeout=60,
-            ),
-        )
-        self.transfer = TransferConfig(
-            multipart_threshold=PART_SIZE, multipart_chunksize=PART_SIZE, max_concurrency=4
-        )
-
-    def put(
-        self, key: str, reader: HashingReader, content_type: str, retain_until: dt.datetime | None
-    ) -> StoredObject:
-        extra: dict[str, Any] = {
-            "ServerSideEncryption": "AES256",
-            "ChecksumAlgorithm": "SHA256",
-            "ContentType": content_type,
-        }
-        if self.object_lock_mode and retain_until is not None:
-            extra["ObjectLockMode"] = self.object_lock_mode
-            extra["ObjectLockRetainUntilDate"] = retain_until
-        try:
-            self._abort_stale_uploads(key)
-            # On failure the transfer manager aborts the multipart upload it started.
-            self.client.upload_fileobj(
-                cast("IO[bytes]", reader), self.bucket, key, ExtraArgs=extra, Config=self.transfer
-            )
-            head = self.client.head_object(Bucket=self.bucket, Key=key, ChecksumMode="ENABLED")
-        except (BotoCoreError, ClientError, Boto3Error) as exc:
-            raise StorageError(f"S3 upload of {key} failed: {exc}") from exc
-        if head["ContentLength"] != reader.size:
-            raise StorageError(
-                f"S3 holds {head['ContentLength']} bytes for {key}, {reader.size} were sent"
-            )
-        reported = head.get("ChecksumSHA256")
-        if reported is not None and reported not in reader.s3_checksums():
-            raise StorageError(f"S3's SHA-256 for {key} does not match the bytes sent")
-        return StoredObject(key, reader.size, reader.hexdigest(), head.get("VersionId"))
-
-    def _abort_stale_uploads(self, key: str) -> None:
-        """Abort multipart uploads of this key left open by a worker that was killed mid-upload.
-
-        Only the worker holding a recording's lease writes its key, so any open upload of the
-        key belongs to a previous, dead attempt.
-        """
-        paginator = self.client.get_paginator("list_multipart_uploads")
-        for page in paginator.paginate(Bucket=self.bucket, Prefix=key):
-            for upload in page.get("Uploads", []):
-                if upload.get("Key") == key:
-                    self.client.abort_multipart_upload(
-                        Bucket=self.bucket, Key=key, UploadId=upload["UploadId"]
-                    )
-
-    def read(self, key: str, version_id: str | None = None) -> Iterator[bytes]:
-        params: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
-        if version_id:
-            params["VersionId"] = version_id
-        try:
-            body = self.client.get_object(**params)["Body"]
-            yield from body.iter_chunks(READ_SIZE)
-        except (BotoCoreError, ClientError) as exc:
-            raise StorageError(f"S3 read of {key} failed: {exc}") from exc
-
-    def presigned_url(self, key: str, version_id: str | None, seconds: int) -> str | None:
-        params: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
-        if version_id:
-            params["VersionId"] = version_id
-        return self.client.generate_presigned_url("get_object", Params=params, ExpiresIn=seconds)
-
-    def local_path(self, key: str) -> Path | None:
-        return None
-
-    def check(self) -> None:
-        try:
-            self.client.head_bucket(Bucket=self.bucket)
-            if self.object_lock_mode:
-                lock = self.client.get_object_lock_configuration(Bucket=self.bucket)
-                enabled = lock.get("ObjectLockConfiguration", {}).get("ObjectLockEnabled")
-                if enabled != "Enabled":
-                    raise ObjectLockMissing(
-                        f"bucket {self.bucket} does not have Object Lock enabled"
-                    )
-        except ClientError as exc:
-            code = exc.response.get("Error", {}).get("Code", "")
-            if code == "ObjectLockConfigurationNotFoundError":
-                raise ObjectLockMissing(
-                    f"OBJECT_LOCK_MODE is set but bucket {self.bucket} has no Object Lock"
-                ) from exc
-            raise StorageError(f"bucket {self.bucket} cannot be reached: {exc}") from exc
-        except BotoCoreError as exc:
-            raise StorageError(f"bucket {self.bucket} cannot be reached: {exc}") from exc
-
-    def set_legal_hold(self, key: str, version_id: str | None, on: bool) -> None:
-        params: dict[str, Any] = {
-            "Bucket": self.bucket,
-            "Key": key,
-            "LegalHold": {"Status": "ON" if on else "OFF"},
-        }
-        if version_id:
-            params["VersionId"] = version_id
-        try:
-            self.client.put_object_legal_hold(**params)
-        except (BotoCoreError, ClientError) as exc:
-            raise StorageError(f"legal hold on {key} failed: {exc}") from exc
 
 
 class LocalStorage:

@@ -16,15 +16,14 @@ from typing import TYPE_CHECKING
 
 import requests
 import urllib3.exceptions
-from boto3.exceptions import Boto3Error
 from sqlalchemy import delete, select, update
 from sqlalchemy.exc import DBAPIError
 
 from webhook.archive.media import MediaError, RefusedURL, open_media
 from webhook.archive.storage import HashingReader, Interrupted, StorageError, StoredObject
 from webhook.db import rowcount, transaction
+from webhook.errors import PlivoError
 from webhook.models import Recording, SeenNonce, Status, utcnow
-from webhook.plivo import PlivoError
 
 if TYPE_CHECKING:
     from webhook import Services
@@ -41,7 +40,6 @@ RETRYABLE = (
     StorageError,
     requests.RequestException,
     urllib3.exceptions.HTTPError,
-    Boto3Error,
     OSError,
 )
 
