@@ -850,3 +850,62 @@ def test_four_workers_archive_every_recording_exactly_once(app, plivo) -> None:
         assert recording.archive_sha256 == hashlib.sha256(content).hexdigest()
     assert sorted(media_paths(plivo)) == sorted(f"/media/{r}.mp3" for r in audio)
     assert len(archive_files(app)) == 40
+
+
+# --- periodic chores of a long-running worker -------------------------------------------------
+
+
+def run_worker_until(app: Flask, done: Callable[[], bool], seconds: float = 20) -> None:
+    """Run a long-running worker in a thread until `done()` or the time is up."""
+    stop = threading.Event()
+    thread = threading.Thread(target=Worker(services(app), stop).run, kwargs={"poll_seconds": 0.1})
+    thread.start()
+    try:
+        deadline = time.monotonic() + seconds
+        while not done() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        thread.join(10)
+    assert not thread.is_alive()
+
+
+def test_a_running_worker_archives_recordings_whose_callbacks_were_lost(
+    make_app: AppFactory, plivo: FakePlivo
+) -> None:
+    app = make_app(RECONCILE_INTERVAL_SECONDS="3600")
+    plivo.finish_recording("lost-1", b"never called back", conference_name="Room 9")
+    queue(app, plivo, "called-1", b"called back")
+
+    def both_archived() -> bool:
+        with services(app).sessions() as session:
+            states = session.scalars(select(Recording.status)).all()
+        return sorted(states) == [Status.ARCHIVED, Status.ARCHIVED]
+
+    run_worker_until(app, both_archived)
+    lost = row(app, "lost-1")
+    assert lost.status == Status.ARCHIVED and lost.attempts == 1
+    assert lost.archive_sha256 == hashlib.sha256(b"never called back").hexdigest()
+    assert lost.conference_name == "Room 9"
+    assert row(app, "called-1").attempts == 1
+    assert len(archive_files(app)) == 2
+
+
+def test_reconcile_is_off_with_interval_zero_and_in_once_mode(
+    make_app: AppFactory, plivo: FakePlivo
+) -> None:
+    plivo.finish_recording("lost-2", b"never called back")
+    off = make_app(RECONCILE_INTERVAL_SECONDS="0")
+    run_worker_until(off, lambda: False, seconds=1.5)
+    on = make_app(RECONCILE_INTERVAL_SECONDS="3600")
+    assert Worker(services(on)).run(once=True) == 0
+    with services(on).sessions() as session:
+        assert session.scalars(select(Recording)).all() == []
+
+
+def test_of_several_workers_exactly_one_takes_each_turn_of_a_chore(make_app: AppFactory) -> None:
+    app = make_app()
+    workers = [Worker(services(app)) for _ in range(4)]
+    assert [w._turn_is_ours("test-chore", 3600) for w in workers] == [True, False, False, False]
+    assert not workers[0]._turn_is_ours("test-chore", 3600)
+    assert workers[1]._turn_is_ours("other-chore", 3600)

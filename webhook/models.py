@@ -192,6 +192,15 @@ class LegalHoldEvent(Base):
     at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
+class Schedule(Base):
+    """When a periodic chore (nonce pruning, reconcile) is next due; one worker claims each turn."""
+
+    __tablename__ = "schedules"
+
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    next_run_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+
+
 class Staff(Base):
     """A person (or script) holding an API token; only the token's SHA-256 is kept."""
 

@@ -20,10 +20,12 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.exc import DBAPIError
 
 from webhook.archive.media import MediaError, RefusedURL, open_media
+from webhook.archive.reconcile import reconcile
 from webhook.archive.storage import HashingReader, Interrupted, StorageError, StoredObject
 from webhook.db import rowcount, transaction
 from webhook.errors import PlivoError
-from webhook.models import Recording, SeenNonce, Status, utcnow
+from webhook.models import Recording, Schedule, SeenNonce, Status, utcnow
+from webhook.recordings import insert_ignoring_conflict
 
 if TYPE_CHECKING:
     from webhook import Services
@@ -32,7 +34,7 @@ log = logging.getLogger(__name__)
 
 CONTENT_TYPES = {"mp3": "audio/mpeg", "wav": "audio/wav"}
 MAX_RETRY_DELAY = 6 * 3600.0
-PRUNE_EVERY_SECONDS = 60.0
+PRUNE_EVERY_SECONDS = 60
 
 # Failures of the media host, the network or the archive: worth another attempt later.
 RETRYABLE = (
@@ -115,7 +117,6 @@ class Worker:
         self.settings = services.settings
         self.stop = stop or threading.Event()
         self.name = f"{socket.gethostname()}:{os.getpid()}"
-        self._last_prune = 0.0
 
     # --- the queue --------------------------------------------------------------------------
 
@@ -335,15 +336,51 @@ class Worker:
         with transaction(self.services.sessions) as session:
             return rowcount(session.execute(delete(SeenNonce).where(SeenNonce.seen_at < cutoff)))
 
+    def _turn_is_ours(self, chore: str, every_seconds: int) -> bool:
+        """Claim this turn of a periodic chore, so that of several workers exactly one runs it."""
+        now = utcnow()
+        later = now + dt.timedelta(seconds=every_seconds)
+        with transaction(self.services.sessions) as session:
+            if insert_ignoring_conflict(session, Schedule, {"name": chore, "next_run_at": later}):
+                return True
+            claimed = session.execute(
+                update(Schedule)
+                .where(Schedule.name == chore, Schedule.next_run_at <= now)
+                .values(next_run_at=later)
+            )
+            return rowcount(claimed) == 1
+
+    def reconcile_recent(self) -> None:
+        """Queue recordings of the last two intervals whose callbacks never came."""
+        every = self.settings.reconcile_interval_seconds
+        since = utcnow() - dt.timedelta(seconds=2 * every)
+        try:
+            result = reconcile(self.services, since)
+        except PlivoError as exc:
+            log.warning("reconcile failed: %s", exc.message)
+            return
+        log.info(result.summary(), extra={"queued": result.queued, "seen": result.seen})
+
+    def _chores(self) -> None:
+        if self._turn_is_ours("prune-nonces", PRUNE_EVERY_SECONDS):
+            self.prune_nonces()
+        every = self.settings.reconcile_interval_seconds
+        plivo_configured = self.settings.plivo_auth_id and self.settings.plivo_auth_token
+        if every and plivo_configured and self._turn_is_ours("reconcile", every):
+            self.reconcile_recent()
+
     def run(self, once: bool = False, poll_seconds: float = 1.0) -> int:
-        """Archive until stopped (with `once`: until nothing is due); answer how many jobs ran."""
+        """Archive until stopped (with `once`: until nothing is due); answer how many jobs ran.
+
+        A long-running worker also does the periodic chores: pruning old nonces and, every
+        RECONCILE_INTERVAL_SECONDS, queueing recent recordings whose callbacks were lost.
+        """
         done = 0
         db_failures = 0
         while not self.stop.is_set():
             try:
-                if time.monotonic() - self._last_prune > PRUNE_EVERY_SECONDS:
-                    self.prune_nonces()
-                    self._last_prune = time.monotonic()
+                if not once:
+                    self._chores()
                 job = self.claim()
                 db_failures = 0
             except DBAPIError as exc:
