@@ -1,0 +1,158 @@
+"""A large, realistic data set of recordings and participants, generated inside PostgreSQL."""
+
+from __future__ import annotations
+
+import time
+
+from common import libpq_url
+
+DATA_END_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z: the data set does not move with the clock
+DATA_SPAN_MS = 3 * 365 * 24 * 3600 * 1000
+DEPARTMENTS = (
+    "sales", "support", "trading", "compliance", "legal", "ops", "finance", "hr", "research",
+    "marketing", "desk-emea", "desk-apac", "desk-us", "treasury", "risk", "audit", "it",
+    "board", "partners", "training",
+)  # fmt: skip
+CONFERENCE_POOL = 5000
+CUSTOMER_POOL = 50_000
+BRIDGE_NUMBERS = 20
+
+
+def load_dataset(url: str, recordings: int, participants_per: int, seed: float = 0.42) -> dict:
+    """Fill the database with `recordings` realistic recordings and their participants, fast:
+    generated inside PostgreSQL (INSERT … SELECT generate_series, no client round trips), with
+    the secondary indexes dropped during the load and re-created from their own definitions.
+
+    Conference names come from a skewed pool of ~5000 (`<department>/room-NNNN`); start times
+    span three years ending 2026-01-01, increasing with the id as an append-only table does;
+    durations 30 s to 2 h, most short; 97% archived, 1.5% failed, 1% pending, 0.5% recording;
+    0.1% under legal hold. Participants: customers from a skewed pool of 50 000 numbers (5% SIP
+    addresses) calling one of 20 bridge numbers (80% inbound, 20% outbound).
+    """
+    import psycopg
+
+    departments = "ARRAY[" + ",".join(f"'{d}'" for d in DEPARTMENTS) + "]"
+    step = DATA_SPAN_MS / max(recordings, 1)
+    timings: dict[str, float] = {}
+    with psycopg.connect(libpq_url(url), autocommit=True) as conn:
+        started = time.perf_counter()
+        indexes = conn.execute(
+            """
+            SELECT i.indexname, i.indexdef FROM pg_indexes i
+            WHERE i.tablename IN ('recordings', 'participants')
+              AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conname = i.indexname)
+            """
+        ).fetchall()
+        with conn.transaction():
+            conn.execute("SET LOCAL synchronous_commit = off")
+            # Replica mode skips FK checks and triggers: the rows are consistent by construction.
+            conn.execute("SET LOCAL session_replication_role = replica")
+            for name, _ in indexes:
+                conn.execute(f'DROP INDEX "{name}"')
+            conn.execute("SELECT setseed(%s)", (seed,))
+            conn.execute(
+                f"""
+                INSERT INTO recordings (
+                    recording_id, conference_name, api_id, record_url, file_format, duration_s,
+                    duration_ms, start_ms, end_ms, status, attempts, next_attempt_at, lease_token,
+                    last_error, archive_key, archive_size, archive_sha256, archive_version_id,
+                    archived_at, retain_until, legal_hold, legal_hold_reason, started_by,
+                    created_at, updated_at)
+                SELECT
+                    rid, conf, md5(rid || 'api'),
+                    'https://media.plivo.com/v1/Account/MABENCH/Recording/' || rid || '.' || fmt,
+                    fmt, dur / 1000, dur, st, st + dur, status,
+                    CASE WHEN status IN ('archived', 'failed') THEN 1 ELSE 0 END,
+                    CASE WHEN status = 'pending' THEN to_timestamp((st + dur) / 1000.0) END,
+                    NULL,
+                    CASE WHEN status = 'failed' THEN 'MediaError: media host answered 500' END,
+                    'recordings/' || to_char(to_timestamp(st / 1000.0) AT TIME ZONE 'UTC',
+                    'YYYY/MM/DD') || '/' || rid || '.' || fmt,
+                    CASE WHEN status = 'archived' THEN dur * 16 END,
+                    CASE WHEN status = 'archived' THEN md5(rid) || md5(rid || 'x') END,
+                    NULL,
+                    CASE WHEN status = 'archived' THEN to_timestamp((st + dur + 60000) / 1000.0)
+                    END,
+                    NULL, hold, CASE WHEN hold THEN 'litigation 2025-17' END,
+                    CASE WHEN r_started < 0.3 THEN 'operator-' || mod(i, 7) END,
+                    to_timestamp((st + dur) / 1000.0), to_timestamp((st + dur + 60000) / 1000.0)
+                FROM (
+                    SELECT i,
+                        'bench-' || lpad(i::text, 9, '0') AS rid,
+                        ({departments})[1 + mod(k, 20)] || '/room-' || lpad(k::text, 4, '0')
+                            AS conf,
+                        CASE WHEN r_fmt < 0.05 THEN 'wav' ELSE 'mp3' END AS fmt,
+                        (30000 + floor(7170000 * r_dur ^ 3))::bigint AS dur,
+                        ({DATA_END_MS - DATA_SPAN_MS}::bigint
+                            + floor((i - 1 + r_jit * 0.999) * {step}))::bigint AS st,
+                        CASE WHEN r_status < 0.97 THEN 'archived'
+                             WHEN r_status < 0.985 THEN 'failed'
+                             WHEN r_status < 0.995 THEN 'pending'
+                             ELSE 'recording' END AS status,
+                        r_hold < 0.001 AS hold,
+                        r_started
+                    FROM (
+                        SELECT i, floor({CONFERENCE_POOL} * random() ^ 2)::int AS k,
+                            random() AS r_fmt, random() AS r_dur, random() AS r_jit,
+                            random() AS r_status, random() AS r_hold, random() AS r_started
+                        FROM generate_series(1, %(n)s) AS i
+                    ) AS draws
+                ) AS rows
+                ORDER BY i
+                """,  # noqa: S608 - only numbers and constants of this module are formatted in
+                {"n": recordings},
+            )
+            timings["recordings_s"] = time.perf_counter() - started
+            conn.execute(
+                f"""
+                INSERT INTO participants (
+                    recording_pk, member_id, "from", "to", from_key, to_key, caller_name,
+                    direction, call_uuid, join_time)
+                SELECT
+                    id, m::text,
+                    CASE WHEN inbound THEN customer ELSE bridge END,
+                    CASE WHEN inbound THEN bridge ELSE customer END,
+                    CASE WHEN inbound THEN customer_key ELSE bridge_key END,
+                    CASE WHEN inbound THEN bridge_key ELSE customer_key END,
+                    'Caller ' || c, CASE WHEN inbound THEN 'inbound' ELSE 'outbound' END,
+                    md5(id::text || '-' || m), (m * 10)::text
+                FROM (
+                    SELECT r.id, m, c, random() < 0.8 AS inbound,
+                        CASE WHEN sip THEN 'sip:user' || c || '@example.com'
+                             ELSE '+1' || (4155550000 + c)::text END AS customer,
+                        CASE WHEN sip THEN 'user' || c || '@example.com'
+                             ELSE '1' || (4155550000 + c)::text END AS customer_key,
+                        '+1800555' || lpad(mod(r.id, {BRIDGE_NUMBERS})::text, 4, '0') AS bridge,
+                        '1800555' || lpad(mod(r.id, {BRIDGE_NUMBERS})::text, 4, '0') AS bridge_key
+                    FROM recordings r
+                    CROSS JOIN generate_series(1, %(per)s) AS m
+                    CROSS JOIN LATERAL (
+                        SELECT floor({CUSTOMER_POOL} * random() ^ 2)::int + 0 * (r.id + m) AS c,
+                            random() < 0.05 + 0 * (r.id + m) AS sip
+                    ) AS draws
+                    ORDER BY r.id, m
+                ) AS rows
+                """,  # noqa: S608 - only numbers and constants of this module are formatted in
+                {"per": participants_per},
+            )
+            timings["participants_s"] = time.perf_counter() - started - timings["recordings_s"]
+        index_started = time.perf_counter()
+        conn.execute("SET maintenance_work_mem = '256MB'")
+        for _, definition in indexes:
+            conn.execute(definition)
+        timings["indexes_s"] = time.perf_counter() - index_started
+        vacuum_started = time.perf_counter()
+        conn.execute("VACUUM (ANALYZE) recordings")
+        conn.execute("VACUUM (ANALYZE) participants")
+        timings["vacuum_analyze_s"] = time.perf_counter() - vacuum_started
+        counts = conn.execute(
+            "SELECT (SELECT count(*) FROM recordings), (SELECT count(*) FROM participants)"
+        ).fetchone()
+        assert counts is not None
+    timings["total_s"] = time.perf_counter() - started
+    return {
+        "recordings": counts[0],
+        "participants": counts[1],
+        "indexes_rebuilt": [name for name, _ in indexes],
+        **{k: round(v, 2) for k, v in timings.items()},
+    }

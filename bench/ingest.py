@@ -1,0 +1,284 @@
+"""Callback ingest: signed, unique recording callbacks against gunicorn serving the app on
+PostgreSQL, side by side with an empty Flask endpoint under exactly the same gunicorn settings.
+
+    .venv/bin/python bench/ingest.py [--callbacks 10000] [--connections 32] [--workers N]
+        [--generator auto|wrk|python] [--gunicorn-args "--worker-class gthread --threads 4"]
+
+gunicorn runs the Procfile's web command (bound to 127.0.0.1), WEB_CONCURRENCY workers (default:
+the environment's WEB_CONCURRENCY, else nproc); `--gunicorn-args` goes to both servers through
+GUNICORN_CMD_ARGS. Each request is sent exactly once, over `--connections` concurrent connections
+(kept alive when the server allows it). To show that the load generator is not the bottleneck it
+is also run alone against a raw socket server that answers a fixed 200, and its own CPU time is
+reported. Afterwards the database must hold exactly the callbacks sent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+import common
+import loadgen
+from common import Report
+from loadgen import LoadResult
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--callbacks", type=int, default=10000, help="callbacks sent to each")
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=common.default_workers())
+    parser.add_argument("--generator", choices=["auto", "wrk", "python"], default="auto")
+    parser.add_argument("--gunicorn-args", default="", help="extra settings for both servers")
+    parser.add_argument("--warmup", type=int, default=50, help="callbacks before measuring")
+    parser.add_argument("--database-url", default=None, help="PostgreSQL server to use")
+    parser.add_argument("--timeout", type=float, default=None, help="hard limit, seconds")
+    return parser.parse_args()
+
+
+def build_callbacks(public_url: str, tag: str, prefix: str, count: int) -> list[bytes]:
+    """`count` distinct recordings' callbacks, each with its own nonce, signed over PUBLIC_URL."""
+    host = public_url.removeprefix("http://")
+    start_ms = 1_767_225_600_000
+    requests = []
+    for i in range(count):
+        recording_id = f"{prefix}-{tag}-{i:07d}"
+        params = common.callback_params(
+            recording_id,
+            f"https://media.plivo.com/v1/Account/{common.PLIVO_AUTH_ID}/Recording/"
+            f"{recording_id}.mp3",
+            f"sales/room-{i % 5000:04d}",
+            start_ms + i * 1000,
+            60_000 + (i * 7919) % 3_600_000,
+        )
+        nonce = f"{uuid.uuid4().int % 10**20:020d}"
+        requests.append(
+            common.signed_callback(public_url, params, nonce, host, common.PLIVO_AUTH_TOKEN)
+        )
+    return requests
+
+
+def result_row(label: str, result: LoadResult) -> list[object]:
+    return [
+        label,
+        result.generator,
+        result.connections,
+        result.requests,
+        result.rps,
+        result.latency_ms["p50"],
+        result.latency_ms["p90"],
+        result.latency_ms["p99"],
+        result.latency_ms["max"],
+        result.non_200 + result.socket_errors,
+        result.generator_cpu_s,
+        round(result.generator_cpu_s / max(result.completed, 1) * 1e6, 1),
+        "no" if result.server_closes else "yes",
+    ]
+
+
+def run(report: Report, args: argparse.Namespace) -> None:
+    generator = loadgen.choose_generator(args.generator)
+    report.params["generator"] = generator
+    with contextlib.ExitStack() as stack:
+        work = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
+        stack.callback(shutil.rmtree, work, ignore_errors=True)
+        url = stack.enter_context(common.temp_database("ingest", args.database_url))
+        port = common.free_port()
+        public_url = f"http://127.0.0.1:{port}"
+        tag = uuid.uuid4().hex[:8]
+        warmup = build_callbacks(public_url, tag, "warm", args.warmup)
+        callbacks = build_callbacks(public_url, tag, "bench", args.callbacks)
+        settings = {
+            "WEB_CONCURRENCY": str(args.workers),
+            "PYTHONPATH": str(common.BENCH),  # for empty_app; the service does not mind it
+            "DATABASE_URL": common.libpq_url(url),
+            "PUBLIC_URL": public_url,
+            "PLIVO_AUTH_ID": common.PLIVO_AUTH_ID,
+            "PLIVO_AUTH_TOKEN": common.PLIVO_AUTH_TOKEN,
+            "ARCHIVE_URL": f"file://{work}/archive",
+            "RECORDING_HOSTS": "127.0.0.1",
+        }
+        if args.gunicorn_args:
+            settings["GUNICORN_CMD_ARGS"] = args.gunicorn_args
+        env = common.service_env(work / "home", settings)
+        report.results["gunicorn"] = {
+            "argv": common.gunicorn_argv(port)[1:],
+            "WEB_CONCURRENCY": args.workers,
+            "GUNICORN_CMD_ARGS": args.gunicorn_args or None,
+        }
+
+        # 1. The empty endpoint: the ceiling of gunicorn + Flask with these settings.
+        empty = common.start_gunicorn(
+            "gunicorn-empty", port, env, work, "empty_app:create_app()", "/"
+        )
+        try:
+            common.gunicorn_workers(empty, args.workers)
+            loadgen.send_load(port, warmup, args.connections, "python", work)
+            empty_result = loadgen.send_load(
+                port, callbacks, args.connections, generator, work, timeout=args.timeout
+            )
+        finally:
+            empty.stop()
+
+        # 2. The generator alone, in the same keep-alive mode the server answered in.
+        alone = loadgen.calibrate_generator(
+            callbacks, args.connections, generator, empty_result.server_closes, work, work
+        )
+
+        # 3. The service.
+        app = common.start_gunicorn("gunicorn-app", port, env, work)
+        try:
+            workers = common.gunicorn_workers(app, args.workers)
+            loadgen.send_load(port, warmup, args.connections, "python", work, ["accepted"])
+            app_result = loadgen.send_load(
+                port,
+                callbacks,
+                args.connections,
+                generator,
+                work,
+                ["accepted", "duplicate"],
+                timeout=args.timeout,
+            )
+            counts = wait_for_rows(url, tag, args.warmup + args.callbacks)
+            peak_rss = [common.proc_status(pid).get("VmHWM", 0) for pid in workers]
+        finally:
+            app.stop()
+
+    ratio = app_result.rps / empty_result.rps if empty_result.rps else float("nan")
+    header = [
+        "endpoint",
+        "gen",
+        "conns",
+        "requests",
+        "req/s",
+        "p50 ms",
+        "p90 ms",
+        "p99 ms",
+        "max ms",
+        "errors",
+        "gen CPU s",
+        "gen µs/req",
+        "keep-alive",
+    ]
+    report.table(
+        f"callback ingest, gunicorn {args.workers} worker(s)"
+        + (f" {args.gunicorn_args}" if args.gunicorn_args else " (Procfile settings)"),
+        header,
+        [
+            result_row("generator alone (raw socket server)", alone),
+            result_row("empty Flask endpoint", empty_result),
+            result_row("webhook app (PostgreSQL)", app_result),
+        ],
+    )
+
+    def share(result: LoadResult) -> float:
+        return result.generator_cpu_s / result.window_s if result.window_s else 0.0
+
+    per_request_us = 1e6 * empty_result.generator_cpu_s / max(empty_result.completed, 1)
+    common.say(
+        f"\nratio app/empty = {ratio:.2f}. Load generator: alone against the raw server it "
+        f"reached {alone.rps:,.0f} req/s ({alone.rps / max(empty_result.rps, 1):.1f}x the empty "
+        f"endpoint; the raw server is the limit there); it spent {per_request_us:.0f} µs of CPU "
+        f"per request, i.e. one core could send ≈{1e6 / max(per_request_us, 1e-3):,.0f} req/s, "
+        f"and it used {share(empty_result):.0%} of one core during the empty run, "
+        f"{share(app_result):.0%} during the app run"
+    )
+    common.say(
+        f"database: {counts['bench']} benchmark recordings (+{counts['warm']} warm-up), "
+        f"{counts['callback_log']} callback_log rows; app worker peak RSS "
+        f"{', '.join(f'{kib / 1024:.0f} MiB' for kib in peak_rss)}"
+    )
+    report.results.update(
+        {
+            "generator_alone": alone.brief(),
+            "empty": empty_result.brief(),
+            "app": app_result.brief(),
+            "ratio_app_empty": round(ratio, 3),
+            "generator_cpu_share_of_one_core": {
+                "empty": round(share(empty_result), 3),
+                "app": round(share(app_result), 3),
+            },
+            "database": counts,
+            "app_worker_peak_rss_mib": [round(kib / 1024, 1) for kib in peak_rss],
+        }
+    )
+    report.check(
+        "empty endpoint answered every request 200",
+        empty_result.non_200 == 0 and empty_result.socket_errors == 0,
+        f"statuses {empty_result.statuses}, socket errors {empty_result.socket_errors}",
+    )
+    report.check(
+        "app answered every callback 200",
+        app_result.non_200 == 0 and app_result.socket_errors == 0,
+        f"statuses {app_result.statuses}, socket errors {app_result.socket_errors}",
+    )
+    report.check(
+        "database holds exactly the callbacks sent",
+        counts["bench"] == args.callbacks
+        and counts["warm"] == args.warmup
+        and counts["callback_log"] == args.callbacks + args.warmup,
+        f"{counts['bench']} of {args.callbacks} recordings, {counts['callback_log']} log rows",
+    )
+    report.check(
+        "every callback the generator saw answered was a new recording",
+        app_result.markers.get("accepted", 0) == app_result.completed
+        and app_result.markers.get("duplicate", 0) == 0,
+        f"{app_result.markers} of {app_result.completed} answers seen",
+    )
+    report.target("app/empty throughput", round(ratio, 2), ">= 0.5", ratio >= 0.5)
+    report.target(
+        f"app p99 at {args.connections} connections (ms)",
+        app_result.latency_ms["p99"],
+        "< 25",
+        app_result.latency_ms["p99"] < 25,
+    )
+
+
+def wait_for_rows(url: str, tag: str, expected: int, timeout: float = 60.0) -> dict[str, int]:
+    """The rows the run left, once every callback still in flight has been handled."""
+    import time
+
+    import psycopg
+
+    deadline = time.monotonic() + timeout
+    with psycopg.connect(common.libpq_url(url), autocommit=True) as conn:
+        while True:
+            row = conn.execute(
+                """
+                SELECT (SELECT count(*) FROM recordings WHERE recording_id LIKE %(bench)s),
+                       (SELECT count(*) FROM recordings WHERE recording_id LIKE %(warm)s),
+                       (SELECT count(*) FROM recordings),
+                       (SELECT count(*) FROM callback_log),
+                       (SELECT count(*) FROM seen_nonces)
+                """,
+                {"bench": f"bench-{tag}-%", "warm": f"warm-{tag}-%"},
+            ).fetchone()
+            assert row is not None
+            if row[2] >= expected or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+    return dict(
+        zip(("bench", "warm", "recordings", "callback_log", "seen_nonces"), row, strict=True)
+    )
+
+
+def main() -> None:
+    args = parse_args()
+    timeout = args.timeout or 300 + args.callbacks * 0.05
+    args.timeout = timeout
+    params = {
+        "callbacks": args.callbacks,
+        "connections": args.connections,
+        "workers": args.workers,
+        "gunicorn_args": args.gunicorn_args,
+        "warmup": args.warmup,
+    }
+    common.run_main(lambda: Report("ingest", params), lambda r: run(r, args), timeout)
+
+
+if __name__ == "__main__":
+    main()
