@@ -47,7 +47,7 @@ from tests.conftest import (
 from tests.fakeplivo import FakePlivo
 from tests.processes import Deployment, Process, process_env, read_procfile
 from webhook import create_app, services
-from webhook.archive.storage import HashingReader, Interrupted
+from webhook.archive.storage import PART_SIZE, HashingReader, Interrupted
 from webhook.archive.worker import Worker
 from webhook.db import make_engine
 from webhook.models import CallbackLog, Recording, SeenNonce, Status, utcnow
@@ -56,7 +56,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 PROCFILE = read_procfile(ROOT / "Procfile")
 MiB = 1024 * 1024
-PART = 16 * MiB  # the archive's multipart part size
+PART = PART_SIZE  # the archive's multipart part size
 LEASE_SECONDS = 5  # the smallest ARCHIVE_LEASE_SECONDS the service accepts
 POLL = 0.05
 HTTP_TIMEOUT = 30.0

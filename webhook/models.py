@@ -113,9 +113,22 @@ class Recording(Base):
     )
 
     __table_args__ = (
-        Index("ix_recordings_conference_name", "conference_name"),
+        # Pattern ops: the same index serves `conference =` and `conference_prefix` (LIKE 'x%')
+        # whatever the database's collation.
+        Index(
+            "ix_recordings_conference_name",
+            "conference_name",
+            postgresql_ops={"conference_name": "varchar_pattern_ops"},
+        ),
         Index("ix_recordings_start_ms_id", "start_ms", "id"),
-        Index("ix_recordings_status", "status"),
+        Index("ix_recordings_status_start_ms_id", "status", "start_ms", "id"),
+        Index(
+            "ix_recordings_held_start_ms_id",
+            "start_ms",
+            "id",
+            postgresql_where=text("legal_hold"),
+            sqlite_where=text("legal_hold = 1"),
+        ),
         # The archive queue: only rows a worker may claim, in the order it claims them.
         Index(
             "ix_recordings_queue",

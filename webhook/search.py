@@ -8,7 +8,7 @@ import datetime as dt
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from sqlalchemy import Select, and_, exists, or_, select
+from sqlalchemy import Select, exists, or_, select, tuple_
 
 from webhook.errors import BadParameter
 from webhook.models import Participant, Recording, Status
@@ -199,16 +199,15 @@ def recordings_query(f: RecordingFilter, after: Cursor | None = None) -> Select[
     if f.max_duration_ms is not None:
         query = query.where(Recording.duration_ms <= f.max_duration_ms)
     if f.legal_hold is not None:
-        query = query.where(Recording.legal_hold.is_(f.legal_hold))
+        # `= true` (not `IS true`) so PostgreSQL can use the partial index on held recordings.
+        query = query.where(Recording.legal_hold == f.legal_hold)
     if f.retained_after is not None:
         query = query.where(Recording.retain_until >= f.retained_after)
     if f.retained_before is not None:
         query = query.where(Recording.retain_until < f.retained_before)
     if after is not None:
+        # A row-value comparison, so the index on (start_ms, id) bounds the scan at any depth.
         query = query.where(
-            or_(
-                Recording.start_ms < after.start_ms,
-                and_(Recording.start_ms == after.start_ms, Recording.id < after.id),
-            )
+            tuple_(Recording.start_ms, Recording.id) < tuple_(after.start_ms, after.id)
         )
     return query.order_by(Recording.start_ms.desc(), Recording.id.desc())

@@ -46,6 +46,9 @@ class S3Storage:
         self.transfer = TransferConfig(
             multipart_threshold=PART_SIZE, multipart_chunksize=PART_SIZE, max_concurrency=4
         )
+        # A stream is read ahead into memory part by part; s3transfer's default (10 parts) would
+        # hold 80 MiB. Three bound the worker's memory whatever the recording's size.
+        self.transfer.max_in_memory_upload_chunks = 3
 
     def put(
         self, key: str, reader: HashingReader, content_type: str, retain_until: dt.datetime | None
