@@ -6,7 +6,7 @@ import os
 import shutil
 import socket
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -173,6 +173,28 @@ def app(settings: Settings) -> Iterator[Flask]:
     app = create_app({"TESTING": True, "SETTINGS": settings})
     yield app
     services(app).engine.dispose()
+
+
+AppFactory = Callable[..., Flask]
+
+
+@pytest.fixture
+def make_app(database_url: str, tmp_path: Path, plivo: FakePlivo) -> Iterator[AppFactory]:
+    """`make_app(archive_url=None, database=None, **env)`: an app with its own settings (the test
+    database and a local archive folder unless given), disposed of after the test."""
+    apps: list[Flask] = []
+
+    def build(archive_url: str | None = None, database: str | None = None, **env: str) -> Flask:
+        settings = make_settings(
+            database or database_url, archive_url or f"file://{tmp_path}/archive", plivo, **env
+        )
+        app = create_app({"TESTING": True, "SETTINGS": settings})
+        apps.append(app)
+        return app
+
+    yield build
+    for app in apps:
+        services(app).engine.dispose()
 
 
 @pytest.fixture

@@ -8,9 +8,8 @@ import datetime as dt
 import io
 import json
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,9 +17,8 @@ from flask import Flask
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import DBAPIError
 
-from tests.conftest import PUBLIC_URL, make_settings, post_callback, token_for
-from tests.fakeplivo import FakePlivo
-from webhook import create_app, services
+from tests.conftest import PUBLIC_URL, post_callback, token_for
+from webhook import services
 from webhook.auth import revoke_staff
 from webhook.db import transaction
 from webhook.models import AuditEvent, AuditRecording, Participant, Recording, Role, Status, utcnow
@@ -175,22 +173,6 @@ def operator(auth: Any) -> dict[str, str]:
 @pytest.fixture
 def admin(auth: Any) -> dict[str, str]:
     return auth(Role.ADMIN, name="ada")
-
-
-@pytest.fixture
-def own_app(database_url: str, tmp_path: Path, plivo: FakePlivo) -> Iterator[Any]:
-    """`own_app(**env)` → an app built from settings with some environment variables changed."""
-    apps: list[Flask] = []
-
-    def build(**env: str) -> Flask:
-        settings = make_settings(database_url, f"file://{tmp_path}/archive", plivo, **env)
-        app = create_app({"TESTING": True, "SETTINGS": settings})
-        apps.append(app)
-        return app
-
-    yield build
-    for app in apps:
-        services(app).engine.dispose()
 
 
 # --- tokens and roles -----------------------------------------------------------------------------
@@ -374,8 +356,8 @@ def test_start_with_conference_name_holding_a_slash(client, plivo, operator):
     assert response.json["conference_name"] == "Sales/EMEA"
 
 
-def test_plivo_refusing_credentials_is_502_plivo_auth(own_app, plivo):
-    app = own_app(PLIVO_AUTH_TOKEN="wrong-token")
+def test_plivo_refusing_credentials_is_502_plivo_auth(make_app, plivo):
+    app = make_app(PLIVO_AUTH_TOKEN="wrong-token")
     plivo.add_conference("Room 1")
     headers = {"Authorization": f"Bearer {token_for(app, Role.OPERATOR)}"}
     response = app.test_client().post("/api/conferences/Room%201/recording", headers=headers)
@@ -393,8 +375,8 @@ def test_plivo_failing_is_502_and_nothing_stored(app, client, plivo, operator):
     assert [c[0] for c in plivo.calls] == ["GET", "GET", "GET"]
 
 
-def test_start_without_public_url_is_503(own_app, plivo):
-    app = own_app(PUBLIC_URL="")
+def test_start_without_public_url_is_503(make_app, plivo):
+    app = make_app(PUBLIC_URL="")
     plivo.add_conference("Room 1")
     headers = {"Authorization": f"Bearer {token_for(app, Role.OPERATOR)}"}
     response = app.test_client().post("/api/conferences/Room%201/recording", headers=headers)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -16,9 +15,9 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import DBAPIError
 from werkzeug.serving import make_server
 
-from tests.conftest import CALLBACK_URL, free_port, make_settings, post_callback
+from tests.conftest import CALLBACK_URL, free_port, post_callback
 from tests.fakeplivo import NONCE_HEADER, SIGNATURE_HEADER, FakePlivo
-from webhook import create_app, services
+from webhook import services
 from webhook.db import transaction
 from webhook.models import CallbackLog, Participant, Recording, Role, SeenNonce, Status
 
@@ -68,24 +67,6 @@ def get_callback(
     """GET a callback (params in the query string) signed as Plivo signs a GET."""
     headers = plivo.sign_request("GET", CALLBACK_URL, params, nonce=nonce)
     return client.get("/plivo/recording", query_string=params, headers=headers)
-
-
-@pytest.fixture
-def own_app(database_url: str, tmp_path: Path, plivo: FakePlivo) -> Iterator[Any]:
-    """`own_app(**env)` → an app built from settings with some environment variables changed."""
-    apps: list[Flask] = []
-
-    def build(database: str | None = None, **env: str) -> Flask:
-        settings = make_settings(
-            database or database_url, f"file://{tmp_path}/archive", plivo, **env
-        )
-        app = create_app({"TESTING": True, "SETTINGS": settings})
-        apps.append(app)
-        return app
-
-    yield build
-    for app in apps:
-        services(app).engine.dispose()
 
 
 # --- accepted callbacks ---------------------------------------------------------------------------
@@ -424,8 +405,8 @@ def ma_v3_headers(plivo: FakePlivo, params: dict[str, str], token: str) -> dict[
     }
 
 
-def test_ma_v3_signature_is_accepted_when_main_token_configured(own_app, plivo):
-    app = own_app(PLIVO_MAIN_AUTH_TOKEN=MAIN_AUTH_TOKEN)
+def test_ma_v3_signature_is_accepted_when_main_token_configured(make_app, plivo):
+    app = make_app(PLIVO_MAIN_AUTH_TOKEN=MAIN_AUTH_TOKEN)
     params = plivo.finish_recording("rec-ma", b"audio")
     headers = ma_v3_headers(plivo, params, MAIN_AUTH_TOKEN)
     response = app.test_client().post("/plivo/recording", data=params, headers=headers)
@@ -436,8 +417,8 @@ def test_ma_v3_signature_is_accepted_when_main_token_configured(own_app, plivo):
     assert log.headers[MA_SIGNATURE_HEADER] == headers[MA_SIGNATURE_HEADER]
 
 
-def test_ma_v3_signature_with_subaccount_token_is_refused(own_app, plivo):
-    app = own_app(PLIVO_MAIN_AUTH_TOKEN=MAIN_AUTH_TOKEN)
+def test_ma_v3_signature_with_subaccount_token_is_refused(make_app, plivo):
+    app = make_app(PLIVO_MAIN_AUTH_TOKEN=MAIN_AUTH_TOKEN)
     params = plivo.finish_recording("rec-ma-wrong", b"audio")
     headers = ma_v3_headers(plivo, params, plivo.auth_token)
     response = app.test_client().post("/plivo/recording", data=params, headers=headers)
@@ -453,8 +434,8 @@ def test_ma_v3_signature_is_refused_without_main_token_configured(app, client, p
     assert stored(app) == NOTHING
 
 
-def test_v3_signature_still_accepted_when_main_token_configured(own_app, plivo):
-    app = own_app(PLIVO_MAIN_AUTH_TOKEN=MAIN_AUTH_TOKEN)
+def test_v3_signature_still_accepted_when_main_token_configured(make_app, plivo):
+    app = make_app(PLIVO_MAIN_AUTH_TOKEN=MAIN_AUTH_TOKEN)
     params = plivo.finish_recording("rec-v3-with-ma", b"audio")
     response = post_callback(app.test_client(), plivo, params)
     assert response.status_code == 200
@@ -584,8 +565,8 @@ def test_body_over_default_limit_is_refused_with_413(app, client, plivo):
     assert stored(app) == NOTHING
 
 
-def test_body_limit_follows_max_callback_bytes(own_app, plivo):
-    app = own_app(MAX_CALLBACK_BYTES="2048")
+def test_body_limit_follows_max_callback_bytes(make_app, plivo):
+    app = make_app(MAX_CALLBACK_BYTES="2048")
     client = app.test_client()
     params = plivo.finish_recording("rec-limit", b"audio")
     big = {**params, "padding": "x" * 2048}
@@ -596,16 +577,16 @@ def test_body_limit_follows_max_callback_bytes(own_app, plivo):
 
 
 @pytest.mark.parametrize("missing", ["PLIVO_AUTH_TOKEN", "PUBLIC_URL"])
-def test_callbacks_refused_with_503_until_configured(own_app, plivo, missing):
-    app = own_app(**{missing: ""})
+def test_callbacks_refused_with_503_until_configured(make_app, plivo, missing):
+    app = make_app(**{missing: ""})
     params = plivo.finish_recording("rec-unconfigured", b"audio")
     response = post_callback(app.test_client(), plivo, params)
     assert_error(response, 503, "callbacks_not_configured")
     assert stored(app) == NOTHING
 
 
-def test_database_down_answers_503_never_200(own_app, plivo):
-    app = own_app(database=f"postgresql://postgres@127.0.0.1:{free_port()}/x")
+def test_database_down_answers_503_never_200(make_app, plivo):
+    app = make_app(database=f"postgresql://postgres@127.0.0.1:{free_port()}/x")
     params = plivo.finish_recording("rec-db-down", b"audio")
     response = post_callback(app.test_client(), plivo, params)
     assert_error(response, 503, "database_unavailable")

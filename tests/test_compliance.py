@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +17,10 @@ from flask import Flask
 from sqlalchemy import select
 from sqlalchemy.exc import DatabaseError
 
-from tests.conftest import make_bucket, make_settings, post_callback, token_for
+from tests.conftest import AppFactory, make_bucket, post_callback, token_for
 from tests.fakeplivo import FakePlivo
 from tests.test_cli import worker_command_isolated  # noqa: F401 - a fixture, named in usefixtures
-from webhook import create_app, services
+from webhook import services
 from webhook.archive.worker import Worker
 from webhook.cli import cli
 from webhook.models import Base, Recording, Role, Status
@@ -31,25 +30,6 @@ LOCKED = {"RETENTION_DAYS": str(RETENTION_DAYS), "OBJECT_LOCK_MODE": "GOVERNANCE
 # Recording ends on whole seconds: boto3 sends x-amz-object-lock-retain-until-date to the second.
 DAY_MS = 86_400_000
 NOW_MS = int(dt.datetime.now(dt.UTC).timestamp()) * 1000
-
-AppFactory = Callable[..., Flask]
-
-
-@pytest.fixture
-def make_app(database_url: str, plivo: FakePlivo) -> Iterator[AppFactory]:
-    """`make_app(archive_url, **env)`: an app on the test database archiving to `archive_url`."""
-    apps: list[Flask] = []
-
-    def build(archive_url: str, **env: str) -> Flask:
-        app = create_app(
-            {"TESTING": True, "SETTINGS": make_settings(database_url, archive_url, plivo, **env)}
-        )
-        apps.append(app)
-        return app
-
-    yield build
-    for app in apps:
-        services(app).engine.dispose()
 
 
 @pytest.fixture

@@ -39,14 +39,14 @@ from tests.conftest import (
     CALLBACK_URL,
     ON_POSTGRES,
     PUBLIC_URL,
+    AppFactory,
     free_port,
     make_bucket,
-    make_settings,
     post_callback,
 )
 from tests.fakeplivo import FakePlivo
 from tests.processes import Deployment, Process, process_env, read_procfile
-from webhook import create_app, services
+from webhook import services
 from webhook.archive.storage import PART_SIZE, HashingReader, Interrupted
 from webhook.archive.worker import Worker
 from webhook.db import make_engine
@@ -249,21 +249,15 @@ def env(
 
 
 @pytest.fixture
-def web(database_url: str, bucket: str, plivo: FakePlivo) -> Iterator[Callable[..., Flask]]:
-    """`web(database_url=..., archive_url=..., **env)`: an in-process app that takes callbacks."""
-    apps: list[Flask] = []
+def web(database_url: str, bucket: str, make_app: AppFactory) -> Callable[..., Flask]:
+    """`web(database=..., archive_url=..., **env)`: an in-process app that takes callbacks."""
 
     def build(
         database: str = database_url, archive_url: str = f"s3://{bucket}/a", **extra: str
     ) -> Flask:
-        settings = make_settings(database, archive_url, plivo, **extra)
-        app = create_app({"TESTING": True, "SETTINGS": settings})
-        apps.append(app)
-        return app
+        return make_app(archive_url, database, **extra)
 
-    yield build
-    for app in apps:
-        services(app).engine.dispose()
+    return build
 
 
 def queue(

@@ -22,9 +22,9 @@ from requests.adapters import BaseAdapter
 from sqlalchemy import select, update
 from werkzeug.serving import make_server
 
-from tests.conftest import make_settings, post_callback
+from tests.conftest import AppFactory, make_settings, post_callback
 from tests.fakeplivo import FakePlivo
-from webhook import create_app, services
+from webhook import services
 from webhook.archive import media
 from webhook.archive.media import RefusedURL, check_url, open_media
 from webhook.archive.worker import MAX_RETRY_DELAY, Worker, retry_delay
@@ -32,26 +32,6 @@ from webhook.config import Settings
 from webhook.db import transaction
 from webhook.models import Recording, Status, utcnow
 from webhook.recordings import parse_report, record_report
-
-AppFactory = Callable[..., Flask]
-
-
-@pytest.fixture
-def make_app(database_url: str, tmp_path: Path, plivo: FakePlivo) -> Iterator[AppFactory]:
-    """`make_app(archive_url=None, **env)`: an app on the test database with its own settings."""
-    apps: list[Flask] = []
-
-    def build(archive_url: str | None = None, **env: str) -> Flask:
-        settings = make_settings(
-            database_url, archive_url or f"file://{tmp_path}/archive", plivo, **env
-        )
-        app = create_app({"TESTING": True, "SETTINGS": settings})
-        apps.append(app)
-        return app
-
-    yield build
-    for app in apps:
-        services(app).engine.dispose()
 
 
 def queue(app: Flask, plivo: FakePlivo, recording_id: str, content: bytes, **kw: Any) -> dict:

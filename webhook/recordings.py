@@ -313,8 +313,41 @@ def _iso(value: dt.datetime | None) -> str | None:
     return None if value is None else value.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def to_json(recording: Recording, with_participants: bool = True) -> dict[str, Any]:
-    """A recording as the API shows it."""
+PARTICIPANT_FIELDS = (
+    ("member_id", Participant.member_id),
+    ("from", Participant.from_number),
+    ("to", Participant.to_number),
+    ("caller_name", Participant.caller_name),
+    ("direction", Participant.direction),
+    ("call_uuid", Participant.call_uuid),
+    ("join_time", Participant.join_time),
+)
+
+
+def participants_of(session: Session, recording_pks: list[int]) -> dict[int, list[dict[str, Any]]]:
+    """The participants of many recordings in one query, as the API shows them.
+
+    Plain rows rather than ORM objects: a page of 200 recordings has some 600 participants, and
+    building objects for them was a quarter of the request's CPU.
+    """
+    found: dict[int, list[dict[str, Any]]] = {pk: [] for pk in recording_pks}
+    if not recording_pks:
+        return found
+    columns = [column for _, column in PARTICIPANT_FIELDS]
+    rows = session.execute(
+        select(Participant.recording_pk, *columns)
+        .where(Participant.recording_pk.in_(recording_pks))
+        .order_by(Participant.recording_pk, Participant.id)
+    )
+    for pk, *values in rows:
+        found[pk].append(dict(zip((name for name, _ in PARTICIPANT_FIELDS), values, strict=True)))
+    return found
+
+
+def to_json(
+    recording: Recording, participants: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """A recording as the API shows it (participants loaded from the row unless given)."""
     body: dict[str, Any] = {
         "recording_id": recording.recording_id,
         "conference_name": recording.conference_name,
@@ -347,19 +380,12 @@ def to_json(recording: Recording, with_participants: bool = True) -> dict[str, A
             "version_id": recording.archive_version_id,
             "archived_at": _iso(recording.archived_at),
         }
-    if with_participants:
-        body["participants"] = [
-            {
-                "member_id": p.member_id,
-                "from": p.from_number,
-                "to": p.to_number,
-                "caller_name": p.caller_name,
-                "direction": p.direction,
-                "call_uuid": p.call_uuid,
-                "join_time": p.join_time,
-            }
+    if participants is None:
+        participants = [
+            {name: getattr(p, column.key) for name, column in PARTICIPANT_FIELDS}
             for p in recording.participants
         ]
+    body["participants"] = participants
     return body
 
 

@@ -18,7 +18,6 @@ from flask import (
     stream_with_context,
 )
 from flask.typing import ResponseReturnValue
-from sqlalchemy.orm import selectinload
 
 from webhook import services
 from webhook.archive.storage import StorageError
@@ -27,7 +26,7 @@ from webhook.auth import require
 from webhook.db import request_session
 from webhook.errors import APIError, BadParameter
 from webhook.models import LegalHoldEvent, Recording, Role, Status
-from webhook.recordings import find, legal_hold_history, to_json
+from webhook.recordings import find, legal_hold_history, participants_of, to_json
 from webhook.search import Cursor, parse_filter, parse_limit, recordings_query
 
 bp = Blueprint("recordings", __name__)
@@ -61,16 +60,15 @@ def list_recordings() -> Response:
     limit = parse_limit(request.args.get("limit"))
     raw_cursor = request.args.get("cursor")
     after = Cursor.decode(raw_cursor) if raw_cursor else None
-    query = (
-        recordings_query(filters, after)
-        .options(selectinload(Recording.participants))
-        .limit(limit + 1)
-    )
-    rows = list(request_session().scalars(query))
+    session = request_session()
+    rows = list(session.scalars(recordings_query(filters, after).limit(limit + 1)))
     page, more = rows[:limit], len(rows) > limit
     note_recordings(*(r.recording_id for r in page))
+    participants = participants_of(session, [r.id for r in page])
     next_cursor = Cursor(page[-1].start_ms, page[-1].id).encode() if more else None
-    return jsonify(recordings=[to_json(r) for r in page], next_cursor=next_cursor)
+    return jsonify(
+        recordings=[to_json(r, participants[r.id]) for r in page], next_cursor=next_cursor
+    )
 
 
 def _get(recording_id: str) -> Recording:
@@ -125,15 +123,10 @@ def _export_rows() -> Iterator[dict[str, object]]:
     session = request_session()
     after: Cursor | None = None
     while True:
-        batch = list(
-            session.scalars(
-                recordings_query(filters, after)
-                .options(selectinload(Recording.participants))
-                .limit(EXPORT_BATCH)
-            )
-        )
+        batch = list(session.scalars(recordings_query(filters, after).limit(EXPORT_BATCH)))
+        participants = participants_of(session, [r.id for r in batch])
         for recording in batch:
-            body = to_json(recording)
+            body = to_json(recording, participants[recording.id])
             archive = body.pop("archive") or {}
             body.update(
                 {
