@@ -27,19 +27,19 @@ def bigint(text: str) -> int:
     return value
 
 
-FILTERS = (
-    "conference",
-    "conference_prefix",
-    "participant",
-    "since",
-    "until",
-    "status",
-    "min_duration",
-    "max_duration",
-    "legal_hold",
-    "retained_until_after",
-    "retained_until_before",
-)
+def encode_cursor(first: int, second: int) -> str:
+    """An opaque page cursor holding two whole numbers (a sort key and an id)."""
+    return base64.urlsafe_b64encode(f"{first}:{second}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(raw: str) -> tuple[int, int]:
+    """The two numbers of a cursor made by `encode_cursor`; 400 `invalid_cursor` otherwise."""
+    try:
+        text = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).decode("ascii")
+        first, _, second = text.partition(":")
+        return bigint(first), bigint(second)
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise BadParameter("cursor", "cursor is not one this API handed out") from None
 
 
 @dataclass(frozen=True)
@@ -50,16 +50,11 @@ class Cursor:
     id: int
 
     def encode(self) -> str:
-        return base64.urlsafe_b64encode(f"{self.start_ms}:{self.id}".encode()).decode().rstrip("=")
+        return encode_cursor(self.start_ms, self.id)
 
     @classmethod
     def decode(cls, raw: str) -> Cursor:
-        try:
-            text = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).decode("ascii")
-            start, _, ident = text.partition(":")
-            return cls(bigint(start), bigint(ident))
-        except (binascii.Error, UnicodeDecodeError, ValueError):
-            raise BadParameter("cursor", "cursor is not one this API handed out") from None
+        return cls(*decode_cursor(raw))
 
 
 @dataclass(frozen=True)

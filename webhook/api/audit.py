@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 import datetime as dt
 from collections import defaultdict
 
 from flask import Blueprint, Response, jsonify, request
-from sqlalchemy import and_, or_, select
+from sqlalchemy import select, tuple_
 
 from webhook.auth import require
 from webhook.db import request_session
 from webhook.errors import BadParameter
 from webhook.models import AuditEvent, AuditRecording, Role
-from webhook.search import bigint, parse_limit, parse_time_ms
+from webhook.search import decode_cursor, encode_cursor, parse_limit, parse_time
 
 bp = Blueprint("audit", __name__)
 
@@ -24,21 +22,15 @@ MICROSECOND = dt.timedelta(microseconds=1)
 
 
 def _encode(event: AuditEvent) -> str:
-    raw = f"{(event.at - EPOCH) // MICROSECOND}:{event.id}".encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    return encode_cursor((event.at - EPOCH) // MICROSECOND, event.id)
 
 
 def _decode(raw: str) -> tuple[dt.datetime, int]:
+    microseconds, ident = decode_cursor(raw)
     try:
-        text = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).decode("ascii")
-        at, _, ident = text.partition(":")
-        return EPOCH + int(at) * MICROSECOND, bigint(ident)
-    except (binascii.Error, UnicodeDecodeError, ValueError, OverflowError):
+        return EPOCH + microseconds * MICROSECOND, ident
+    except OverflowError:
         raise BadParameter("cursor", "cursor is not one this API handed out") from None
-
-
-def _ms_to_datetime(ms: int) -> dt.datetime:
-    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC)
 
 
 @bp.get("/audit")
@@ -59,14 +51,13 @@ def list_audit() -> Response:
             )
         )
     if args.get("since"):
-        query = query.where(AuditEvent.at >= _ms_to_datetime(parse_time_ms("since", args["since"])))
+        query = query.where(AuditEvent.at >= parse_time("since", args["since"]))
     if args.get("until"):
-        query = query.where(AuditEvent.at < _ms_to_datetime(parse_time_ms("until", args["until"])))
+        query = query.where(AuditEvent.at < parse_time("until", args["until"]))
     if args.get("cursor"):
         at, ident = _decode(args["cursor"])
-        query = query.where(
-            or_(AuditEvent.at < at, and_(AuditEvent.at == at, AuditEvent.id < ident))
-        )
+        # A row-value bound, as for recordings, so the (at, id) index serves any depth.
+        query = query.where(tuple_(AuditEvent.at, AuditEvent.id) < tuple_(at, ident))
     query = query.order_by(AuditEvent.at.desc(), AuditEvent.id.desc()).limit(limit + 1)
     session = request_session()
     rows = list(session.scalars(query))
