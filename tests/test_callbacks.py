@@ -19,7 +19,7 @@ from tests.conftest import CALLBACK_URL, free_port, post_callback
 from tests.fakeplivo import NONCE_HEADER, SIGNATURE_HEADER, FakePlivo
 from webhook import services
 from webhook.db import transaction
-from webhook.models import CallbackLog, Participant, Recording, Role, SeenNonce, Status
+from webhook.models import CallbackLog, Participant, Recording, Role, Status
 
 MA_SIGNATURE_HEADER = "X-Plivo-Signature-Ma-V3"
 MAIN_AUTH_TOKEN = "main-account-token"
@@ -31,15 +31,11 @@ def count(app, model) -> int:
 
 
 def stored(app: Flask) -> dict[str, int]:
-    """How many rows the callback path wrote: recordings, callback log, nonces."""
-    return {
-        "recordings": count(app, Recording),
-        "callback_log": count(app, CallbackLog),
-        "nonces": count(app, SeenNonce),
-    }
+    """How many rows the callback path wrote: recordings, and the callback log (with nonces)."""
+    return {"recordings": count(app, Recording), "callback_log": count(app, CallbackLog)}
 
 
-NOTHING = {"recordings": 0, "callback_log": 0, "nonces": 0}
+NOTHING = {"recordings": 0, "callback_log": 0}
 
 
 def the_recording(app: Flask) -> Recording:
@@ -245,7 +241,6 @@ def test_duplicate_with_fresh_nonce_answers_duplicate_and_keeps_one_row(app, cli
     assert [log.duplicate for log in logs] == [False, True]
     assert [log.recording_id for log in logs] == ["rec-dup", "rec-dup"]
     assert logs[0].nonce != logs[1].nonce
-    assert count(app, SeenNonce) == 2
 
 
 def test_duplicate_does_not_requeue_an_archived_recording(app, client, plivo):
@@ -267,7 +262,7 @@ def test_same_nonce_again_is_refused_as_replay(app, client, plivo):
     assert first.status_code == 200
     replay = post_callback(client, plivo, params, nonce="12345678901234567890")
     assert_error(replay, 403, "replayed_nonce")
-    assert stored(app) == {"recordings": 1, "callback_log": 1, "nonces": 1}
+    assert stored(app) == {"recordings": 1, "callback_log": 1}
 
 
 def test_replayed_nonce_is_refused_even_for_another_recording(app, client, plivo):
@@ -725,7 +720,9 @@ def test_other_methods_on_callback_path_get_405_json(client):
     assert "POST" in response.headers["Allow"]
 
 
-def test_conference_member_events_on_an_xml_callback_url_are_ignored(app, client, plivo):
+def test_conference_member_events_on_an_xml_callback_url_are_logged_not_recordings(
+    app, client, plivo
+):
     params = {
         "ConferenceAction": "enter",
         "ConferenceName": "Room 1",
@@ -736,9 +733,94 @@ def test_conference_member_events_on_an_xml_callback_url_are_ignored(app, client
     assert response.status_code == 200
     assert response.json == {"status": "ignored", "conference_action": "enter"}
     assert count(app, Recording) == 0
-    assert count(app, CallbackLog) == 0
+    [logged] = callback_logs(app)
+    assert (logged.kind, logged.recording_id) == ("member", None)
+    assert dict(parse_qsl(logged.body)) == params
 
 
 def test_conference_member_events_still_need_a_signature(app, client, plivo):
     response = client.post("/plivo/recording", data={"ConferenceAction": "exit"})
     assert response.status_code == 403
+
+
+# --- one door: only signed fields are read --------------------------------------------------------
+
+
+def test_head_with_a_get_signature_and_an_unsigned_body_is_not_a_callback(app, client, plivo):
+    query = plivo.finish_recording("rec-head", b"audio")
+    camel = {"RecordingID": query["recording_id"], "RecordUrl": query["record_url"]}
+    headers = plivo.sign_request("GET", CALLBACK_URL, camel)
+    response = client.head(
+        "/plivo/recording",
+        query_string=camel,
+        data={"record_url": "https://media.plivo.com/planted.mp3", "conference_name": "planted"},
+        headers=headers,
+    )
+    assert response.status_code == 405
+    assert stored(app) == NOTHING
+
+
+def test_get_callback_reads_only_the_signed_query_and_logs_the_unsigned_body(app, client, plivo):
+    query = plivo.finish_recording("rec-get-body", b"audio")
+    camel = {"RecordingID": query["recording_id"], "RecordUrl": query["record_url"]}
+    headers = plivo.sign_request("GET", CALLBACK_URL, camel)
+    planted = "record_url=https%3A%2F%2Fmedia.plivo.com%2Fplanted.mp3&conference_name=planted"
+    response = client.get(
+        "/plivo/recording",
+        query_string=camel,
+        data=planted,
+        content_type="application/x-www-form-urlencoded",
+        headers=headers,
+    )
+    assert response.status_code == 200, response.get_json()
+    recording = the_recording(app)
+    assert recording.record_url == query["record_url"]
+    assert recording.conference_name is None
+    [logged] = callback_logs(app)
+    assert logged.method == "GET"
+    assert logged.body == planted  # what arrived, though none of it was used
+
+
+@pytest.mark.parametrize(
+    ("camel", "snake"),
+    [("RecordUrl", "record_url"), ("ConferenceName", "conference_name")],
+)
+def test_a_field_may_not_override_its_signed_twin_of_the_other_naming(
+    app, client, plivo, camel, snake
+):
+    params = plivo.finish_recording("rec-twins", b"audio")
+    params = {**params, camel: params.get(snake) or "Room", snake: "https://media.plivo.com/b.mp3"}
+    response = post_callback(client, plivo, params)
+    assert_error(response, 400, f"invalid_{snake}")
+    assert stored(app) == NOTHING
+
+
+def test_identical_twins_of_both_namings_are_accepted(app, client, plivo):
+    params = plivo.finish_recording("rec-same-twins", b"audio")
+    response = post_callback(client, plivo, {**params, "RecordUrl": params["record_url"]})
+    assert response.status_code == 200, response.get_json()
+
+
+def test_a_field_in_both_the_signed_query_and_body_with_different_values_is_refused(
+    app, client, plivo
+):
+    params = plivo.finish_recording("rec-query-body", b"audio")
+    url = CALLBACK_URL + "?record_url=https%3A%2F%2Fmedia.plivo.com%2Fother.mp3"
+    headers = plivo.sign_request("POST", url, params)
+    response = client.post(
+        "/plivo/recording",
+        query_string={"record_url": "https://media.plivo.com/other.mp3"},
+        data=params,
+        headers=headers,
+    )
+    assert_error(response, 400, "invalid_record_url")
+    assert stored(app) == NOTHING
+
+
+def test_a_repeated_field_with_different_values_is_refused(app, client, plivo):
+    params = plivo.finish_recording("rec-repeated", b"audio")
+    body = {**params, "recording_id": ["rec-repeated", "rec-other"]}
+    headers = plivo.sign_request("POST", CALLBACK_URL, body)
+    response = client.post("/plivo/recording", data=body, headers=headers)
+    assert_error(response, 400, "invalid_recording_id")
+    assert stored(app) == NOTHING

@@ -32,7 +32,7 @@ import requests
 import sqlalchemy as sa
 from flask import Flask
 from moto.server import ThreadedMotoServer
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from tests.conftest import (
@@ -44,13 +44,13 @@ from tests.conftest import (
     make_bucket,
     post_callback,
 )
-from tests.fakeplivo import FakePlivo
+from tests.fakeplivo import NONCE_HEADER, FakePlivo
 from tests.processes import Deployment, Process, process_env, read_procfile
 from webhook import services
 from webhook.archive.storage import PART_SIZE, HashingReader, Interrupted
 from webhook.archive.worker import Worker
 from webhook.db import make_engine
-from webhook.models import CallbackLog, Recording, SeenNonce, Status, utcnow
+from webhook.models import CallbackLog, Recording, Status, utcnow
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -820,8 +820,7 @@ def test_callback_answers_503_while_the_database_refuses_and_200_once_it_is_back
     assert health.get_json()["checks"]["database"].startswith("unavailable")
     nonce = headers["X-Plivo-Signature-V3-Nonce"]
     assert rows.count(Recording, Recording.recording_id == "db-down") == 0
-    assert rows.count(CallbackLog, CallbackLog.recording_id == "db-down") == 0
-    assert rows.count(SeenNonce, SeenNonce.nonce == nonce) == 0
+    assert rows.count(CallbackLog, CallbackLog.nonce == nonce) == 0
 
     proxy.open()
     # The very same signed request: its nonce was never committed, so it is not a replay.
@@ -957,7 +956,7 @@ def test_replays_and_garbage_through_gunicorn(
     web, env, processes, plivo, rows, bucket, s3_endpoint
 ) -> None:
     port = free_port()
-    web_env = env(f"s3://{bucket}/a", PORT=str(port), WEB_CONCURRENCY="2", NONCE_TTL_SECONDS="60")
+    web_env = env(f"s3://{bucket}/a", PORT=str(port), WEB_CONCURRENCY="2")
     gunicorn = processes.start("web", PROCFILE["web"], web_env)
     base = f"http://127.0.0.1:{port}"
     Deployment(base, [gunicorn]).wait_until_healthy(timeout=60)
@@ -1020,28 +1019,48 @@ def test_replays_and_garbage_through_gunicorn(
     assert rows.count(Recording, Recording.recording_id.in_(["too-big", "junk"])) == 0
     assert rows.count(CallbackLog, CallbackLog.recording_id.in_(["too-big", "junk"])) == 0
 
-    # --- nonces older than the window are pruned; the old callback is then a duplicate --------
-    old_nonce = first_headers["X-Plivo-Signature-V3-Nonce"]
-    race_nonce = race_headers["X-Plivo-Signature-V3-Nonce"]
-    rows.run(
-        lambda session: session.execute(
-            update(SeenNonce)
-            .where(SeenNonce.nonce == old_nonce)
-            .values(seen_at=utcnow() - dt.timedelta(seconds=61))
-        )
+    # --- a chunked body over the limit: 413, as with a Content-Length ------------------------
+    def chunks() -> Iterator[bytes]:
+        yield b"recording_id=too-big-chunked&record_url=x&padding="
+        for _ in range(16):
+            yield b"x" * (64 * 1024)
+
+    chunked = requests.post(
+        callback_url,
+        data=chunks(),
+        headers={"Content-Type": "application/x-www-form-urlencoded", **signed},
+        timeout=HTTP_TIMEOUT,
     )
-    pruner = Worker(services(web(NONCE_TTL_SECONDS="60")))
-    assert pruner.prune_nonces() == 1
-    assert rows.count(SeenNonce, SeenNonce.nonce == old_nonce) == 0
-    assert rows.count(SeenNonce, SeenNonce.nonce == race_nonce) == 1
-    late = deliver(first_params, first_headers)
-    assert late.status_code == 200, late.text
-    assert late.json()["status"] == "duplicate"
-    assert rows.count(Recording, Recording.recording_id == "replayed") == 1
+    assert chunked.status_code == 413, chunked.text[:300]
+    assert chunked.json()["error"] == "request_entity_too_large"
+
+    # --- HEAD with a GET signature and an unsigned body: not a callback ----------------------
+    signed_query = plivo.finish_recording("head-planted", b"audio")
+    head_headers = plivo.sign_request("GET", CALLBACK_URL, signed_query)
+    head = requests.head(
+        callback_url,
+        params=signed_query,
+        data={"record_url": "https://media.plivo.com/evil.mp3", "conference_name": "planted"},
+        headers=head_headers,
+        timeout=HTTP_TIMEOUT,
+    )
+    assert head.status_code == 405
+    assert rows.count(Recording, Recording.recording_id == "head-planted") == 0
+    assert rows.count(CallbackLog, CallbackLog.nonce == head_headers[NONCE_HEADER]) == 0
+
+    # --- a nonce stays refused as long as the log keeps its request: a day later, after the
+    # worker's chores have run, the first callback is still a replay ---------------------------
+    old_nonce = first_headers[NONCE_HEADER]
     with rows.sessions() as session:
-        logged = session.scalars(
-            select(CallbackLog.duplicate).where(CallbackLog.recording_id == "replayed")
-        ).all()
-    assert sorted(logged) == [False, True]
+        logged_request = session.scalars(
+            select(CallbackLog).where(CallbackLog.nonce == old_nonce)
+        ).one()
+    assert logged_request.headers[NONCE_HEADER] == old_nonce  # readable by anyone with the log
+    Worker(services(web())).run(once=True)
+    late = deliver(first_params, first_headers)
+    assert late.status_code == 403, late.text
+    assert late.json()["error"] == "replayed_nonce"
+    assert rows.count(Recording, Recording.recording_id == "replayed") == 1
+    assert rows.count(CallbackLog, CallbackLog.recording_id == "replayed") == 1
     assert gunicorn.running
     assert "Traceback" not in gunicorn.output()

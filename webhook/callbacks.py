@@ -1,46 +1,104 @@
-"""What Plivo calls: the recording callback. Verify → validate → store and queue → 200."""
+"""What Plivo calls, through one door: read the body, verify the signature over exactly the fields
+that will be used, let the handler for that kind validate and store, log the callback as received
+with its nonce, commit, 200."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
-from sqlalchemy import Table, insert
+from sqlalchemy import Table
+from sqlalchemy.orm import Session
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from webhook import services
 from webhook.config import archive_prefix
 from webhook.db import request_session
-from webhook.errors import APIError
-from webhook.models import CallbackLog, SeenNonce, utcnow
-from webhook.recordings import insert_ignoring_conflict, parse_report, record_report
+from webhook.errors import APIError, BadParameter
+from webhook.models import CallbackLog, utcnow
+from webhook.recordings import CAMEL_NAMES, insert_ignoring_conflict, parse_report, record_report
 from webhook.signature import NONCE_HEADER, SIGNATURE_HEADERS, signature_matches
 
 bp = Blueprint("callbacks", __name__)
 CALLBACK_LOG: Table = CallbackLog.__table__  # type: ignore[assignment]  # a Table for Core inserts
 log = logging.getLogger(__name__)
 
+CALLBACK_METHODS = ("POST", "GET")
 KEPT_HEADERS = (
     *SIGNATURE_HEADERS,
     NONCE_HEADER,
     "User-Agent",
     "Content-Type",
     "Content-Length",
+    "Transfer-Encoding",
     "X-Forwarded-For",
     "X-Forwarded-Proto",
     "X-Request-ID",
 )
+# Each of Plivo's two spellings of a field, mapped to the other: one may not override its twin.
+TWINS = {**CAMEL_NAMES, **{snake: camel for camel, snake in CAMEL_NAMES.items()}}
 
 
-def _refuse(code: str, message: str) -> APIError:
+@dataclass(frozen=True)
+class Verified:
+    """A callback whose signature matched: the fields it signed, and how it was signed."""
+
+    fields: dict[str, str]
+    verdict: str
+    nonce: str
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a handler did with a callback: the answer's body and what the log row says."""
+
+    answer: dict[str, Any]
+    recording_id: str | None = None
+    duplicate: bool = False
+
+
+Handler = Callable[[Session, Mapping[str, str]], Outcome]
+# Which kind of callback signed fields are, and the handler that stores that kind.
+Dispatch = Callable[[Mapping[str, str]], tuple[str, Handler]]
+
+
+def _refuse(code: str, message: str, checked_url: str | None = None) -> APIError:
     log.warning(
         "callback refused",
-        extra={"reason": code, "remote_addr": request.remote_addr, "request_id": g.request_id},
+        extra={
+            "reason": code,
+            "remote_addr": request.remote_addr,
+            "request_id": g.request_id,
+            "checked_url": checked_url,
+        },
     )
     return APIError(403, code, message)
 
 
-def verify_signature() -> tuple[str, str]:
-    """Check the V3 (or Ma-V3) signature over the public URL: (verdict, nonce), or 403."""
+def signed_fields() -> dict[str, str]:
+    """The callback's fields, read only from what the V3 signature covers: the URL's query and,
+    for a POST, its form body. A field given twice (repeated, in both the query and the body, or
+    under both of Plivo's spellings) with different values is refused: none may override another."""
+    pairs = list(request.args.items(multi=True))
+    if request.method == "POST":
+        pairs += list(request.form.items(multi=True))
+    fields: dict[str, str] = {}
+    for name, value in pairs:
+        for seen in (name, TWINS.get(name)):
+            if seen is not None and seen in fields and fields[seen] != value:
+                canonical = CAMEL_NAMES.get(name, name)
+                raise BadParameter(
+                    canonical, f"{canonical} is given more than once with different values"
+                )
+        fields[name] = value
+    return fields
+
+
+def verify() -> Verified:
+    """Check the V3 (or Ma-V3) signature over the public URL: the signed fields, or 403."""
     settings = services(current_app).settings
     if not settings.plivo_auth_token or not settings.public_url:
         # Fail closed, but with 503 so Plivo retries once the service is configured.
@@ -72,50 +130,97 @@ def verify_signature() -> tuple[str, str]:
             and token
             and signature_matches(signed[header], token, request.method, url, params, nonce)
         ):
-            return verdict, nonce
-    raise _refuse("bad_signature", "The callback's signature does not match")
+            return Verified(signed_fields(), verdict, nonce)
+    raise _refuse("bad_signature", "The callback's signature does not match", checked_url=url)
 
 
-@bp.route("/plivo/recording", methods=["POST", "GET"])
-def recording_callback() -> Response:
-    """Plivo's recording callback: accepted (or a duplicate) → 200 once committed."""
-    body = request.get_data(cache=True, as_text=True) if request.method == "POST" else ""
-    verdict, nonce = verify_signature()
-    action = request.values.get("ConferenceAction", "")
-    if action and action.lower() != "record":
-        # A Conference XML callbackUrl also receives member events (enter, exit, digits...).
-        return jsonify(status="ignored", conference_action=action[:32])
-    report = parse_report(request.values.to_dict())
-    g.recording_id = report.recording_id
+def read_body() -> str:
+    """The raw body as it arrived, whatever the method (NUL and bytes that are not UTF-8 kept as
+    backslash escapes); 413 when it is over the limit, chunked or not."""
+    raw = request.get_data(cache=True)
+    limit = request.max_content_length
+    # Werkzeug stops reading a chunked body at the limit without saying so: a body that fills
+    # the limit exactly may have been cut short, so it is refused rather than judged cut.
+    if limit is not None and request.content_length is None and len(raw) >= limit:
+        raise RequestEntityTooLarge()
+    return raw.decode("utf-8", "backslashreplace").replace("\0", "\\x00")
 
-    settings = services(current_app).settings
+
+def receive(dispatch: Dispatch) -> Response:
+    """The one door: verify, let the handler for the kind validate and store, log the callback
+    as received, commit, 200.
+
+    The log row carries the nonce under a unique index and is never deleted, so a nonce stays
+    refused for as long as the signed request it came with can be read back from the log.
+    """
+    if request.method not in CALLBACK_METHODS:
+        # Flask answers HEAD on every GET route; a HEAD is not a callback.
+        raise APIError(405, "method_not_allowed", "Callbacks are POST or GET")
+    body = read_body()
+    verified = verify()
+    kind, handle = dispatch(verified.fields)
     session = request_session()
-    now = utcnow()
-    if not insert_ignoring_conflict(session, SeenNonce, {"nonce": nonce, "seen_at": now}):
+    outcome = handle(session, verified.fields)
+    g.recording_id = outcome.recording_id
+    logged = insert_ignoring_conflict(
+        session,
+        CallbackLog,
+        {
+            "received_at": utcnow(),
+            "kind": kind,
+            "recording_id": outcome.recording_id,
+            "method": request.method,
+            "remote_addr": request.remote_addr,
+            "headers": {h: request.headers[h] for h in KEPT_HEADERS if h in request.headers},
+            "body": body,
+            "query": request.query_string.decode("utf-8", "backslashreplace"),
+            "signature_verdict": verified.verdict,
+            "nonce": verified.nonce,
+            "duplicate": outcome.duplicate,
+        },
+    )
+    if not logged:
         session.rollback()
         raise _refuse("replayed_nonce", "This signature nonce was used before")
-    is_new = record_report(session, report, archive_prefix(settings.archive_url), now=now)
-    session.execute(
-        insert(CALLBACK_LOG).values(
-            received_at=now,
-            recording_id=report.recording_id,
-            method=request.method,
-            remote_addr=request.remote_addr,
-            headers={h: request.headers[h] for h in KEPT_HEADERS if h in request.headers},
-            body=body,
-            query=request.query_string.decode("utf-8", "replace"),
-            signature_verdict=verdict,
-            nonce=nonce,
-            duplicate=not is_new,
-        )
-    )
     session.commit()
     log.info(
         "callback accepted",
         extra={
-            "recording_id": report.recording_id,
-            "duplicate": not is_new,
+            "kind": kind,
+            "recording_id": outcome.recording_id,
+            "duplicate": outcome.duplicate,
             "request_id": g.request_id,
         },
     )
-    return jsonify(status="accepted" if is_new else "duplicate", recording_id=report.recording_id)
+    return jsonify(outcome.answer)
+
+
+def store_recording(session: Session, fields: Mapping[str, str]) -> Outcome:
+    """A finished recording: stored idempotently by recording_id and queued for the archive."""
+    report = parse_report(fields)
+    settings = services(current_app).settings
+    is_new = record_report(session, report, archive_prefix(settings.archive_url), now=utcnow())
+    return Outcome(
+        {"status": "accepted" if is_new else "duplicate", "recording_id": report.recording_id},
+        recording_id=report.recording_id,
+        duplicate=not is_new,
+    )
+
+
+def ignore_member_event(session: Session, fields: Mapping[str, str]) -> Outcome:
+    """A conference event other than a recording (enter, exit, digits…): acknowledged."""
+    return Outcome({"status": "ignored", "conference_action": fields["ConferenceAction"][:32]})
+
+
+def conference_callback(fields: Mapping[str, str]) -> tuple[str, Handler]:
+    """A recording's callback; a Conference XML callbackUrl also receives member events."""
+    action = fields.get("ConferenceAction", "")
+    if action and action.lower() != "record":
+        return "member", ignore_member_event
+    return "recording", store_recording
+
+
+@bp.route("/plivo/recording", methods=CALLBACK_METHODS)
+def recording_callback() -> Response:
+    """Plivo's recording callback (and the member events of a Conference XML callbackUrl)."""
+    return receive(conference_callback)

@@ -70,7 +70,6 @@ class Settings:
     archive_lease_seconds: int
     archive_retry_base_seconds: int
     archive_max_attempts: int
-    nonce_ttl_seconds: int
     reconcile_interval_seconds: int
     max_callback_bytes: int
     presign_seconds: int
@@ -106,7 +105,6 @@ class Settings:
             archive_lease_seconds=_int(env, "ARCHIVE_LEASE_SECONDS", 600, minimum=5) or 600,
             archive_retry_base_seconds=_int(env, "ARCHIVE_RETRY_BASE_SECONDS", 30) or 0,
             archive_max_attempts=_int(env, "ARCHIVE_MAX_ATTEMPTS", 8, minimum=1) or 8,
-            nonce_ttl_seconds=_int(env, "NONCE_TTL_SECONDS", 86400, minimum=60) or 86400,
             reconcile_interval_seconds=_int(env, "RECONCILE_INTERVAL_SECONDS", 3600) or 0,
             max_callback_bytes=_int(env, "MAX_CALLBACK_BYTES", 64 * 1024, minimum=1024) or 65536,
             presign_seconds=min(_int(env, "PRESIGN_SECONDS", 60, minimum=1) or 60, 300),

@@ -17,6 +17,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    UniqueConstraint,
     text,
 )
 from sqlalchemy.engine import Dialect
@@ -166,13 +167,17 @@ class Participant(Base):
 
 
 class CallbackLog(Base):
-    """Every accepted callback exactly as it arrived (append-only)."""
+    """Every accepted callback exactly as it arrived (append-only).
+
+    Its nonce is unique: the log is also the record of nonces used, kept as long as the signed
+    requests themselves, so no logged request can be replayed.
+    """
 
     __tablename__ = "callback_log"
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
-    recording_id: Mapped[str] = mapped_column(String(64), index=True)
+    recording_id: Mapped[str | None] = mapped_column(String(64), index=True)
     method: Mapped[str] = mapped_column(String(8))
     remote_addr: Mapped[str | None] = mapped_column(String(64))
     headers: Mapped[dict[str, Any]] = mapped_column(JSON)
@@ -181,15 +186,10 @@ class CallbackLog(Base):
     signature_verdict: Mapped[str] = mapped_column(String(16))
     nonce: Mapped[str] = mapped_column(String(128))
     duplicate: Mapped[bool] = mapped_column(Boolean, default=False)
+    # recording, member (a conference member event) or transcription
+    kind: Mapped[str] = mapped_column(String(16), server_default="recording")
 
-
-class SeenNonce(Base):
-    """Signature nonces already accepted, kept for a window so a replay is refused."""
-
-    __tablename__ = "seen_nonces"
-
-    nonce: Mapped[str] = mapped_column(String(128), primary_key=True)
-    seen_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    __table_args__ = (UniqueConstraint("nonce", name="uq_callback_log_nonce"),)
 
 
 class LegalHoldEvent(Base):

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import requests
 import urllib3.exceptions
-from sqlalchemy import delete, select, update
+from sqlalchemy import select, update
 from sqlalchemy.exc import DBAPIError
 
 from webhook.archive.media import MediaError, RefusedURL, open_media
@@ -24,7 +24,7 @@ from webhook.archive.reconcile import reconcile
 from webhook.archive.storage import HashingReader, Interrupted, StorageError, StoredObject
 from webhook.db import rowcount, transaction
 from webhook.errors import PlivoError
-from webhook.models import Recording, Schedule, SeenNonce, Status, utcnow
+from webhook.models import Recording, Schedule, Status, utcnow
 from webhook.recordings import insert_ignoring_conflict
 
 if TYPE_CHECKING:
@@ -34,7 +34,6 @@ log = logging.getLogger(__name__)
 
 CONTENT_TYPES = {"mp3": "audio/mpeg", "wav": "audio/wav"}
 MAX_RETRY_DELAY = 6 * 3600.0
-PRUNE_EVERY_SECONDS = 60
 
 # Failures of the media host, the network or the archive: worth another attempt later.
 RETRYABLE = (
@@ -330,12 +329,6 @@ class Worker:
 
     # --- the loop ---------------------------------------------------------------------------
 
-    def prune_nonces(self) -> int:
-        """Forget signature nonces older than the replay window."""
-        cutoff = utcnow() - dt.timedelta(seconds=self.settings.nonce_ttl_seconds)
-        with transaction(self.services.sessions) as session:
-            return rowcount(session.execute(delete(SeenNonce).where(SeenNonce.seen_at < cutoff)))
-
     def _turn_is_ours(self, chore: str, every_seconds: int) -> bool:
         """Claim this turn of a periodic chore, so that of several workers exactly one runs it."""
         now = utcnow()
@@ -362,8 +355,6 @@ class Worker:
         log.info(result.summary(), extra={"queued": result.queued, "seen": result.seen})
 
     def _chores(self) -> None:
-        if self._turn_is_ours("prune-nonces", PRUNE_EVERY_SECONDS):
-            self.prune_nonces()
         every = self.settings.reconcile_interval_seconds
         plivo_configured = self.settings.plivo_auth_id and self.settings.plivo_auth_token
         if every and plivo_configured and self._turn_is_ours("reconcile", every):
@@ -372,8 +363,8 @@ class Worker:
     def run(self, once: bool = False, poll_seconds: float = 1.0) -> int:
         """Archive until stopped (with `once`: until nothing is due); answer how many jobs ran.
 
-        A long-running worker also does the periodic chores: pruning old nonces and, every
-        RECONCILE_INTERVAL_SECONDS, queueing recent recordings whose callbacks were lost.
+        A long-running worker also does the periodic chores: every RECONCILE_INTERVAL_SECONDS,
+        queueing recent recordings whose callbacks were lost.
         """
         done = 0
         db_failures = 0
