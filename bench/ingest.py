@@ -253,7 +253,7 @@ def wait_for_rows(url: str, tag: str, expected: int, timeout: float = 60.0) -> d
                        (SELECT count(*) FROM recordings WHERE recording_id LIKE %(warm)s),
                        (SELECT count(*) FROM recordings),
                        (SELECT count(*) FROM callback_log),
-                       (SELECT count(*) FROM seen_nonces)
+                       (SELECT count(DISTINCT nonce) FROM callback_log)
                 """,
                 {"bench": f"bench-{tag}-%", "warm": f"warm-{tag}-%"},
             ).fetchone()
@@ -262,7 +262,7 @@ def wait_for_rows(url: str, tag: str, expected: int, timeout: float = 60.0) -> d
                 break
             time.sleep(0.1)
     return dict(
-        zip(("bench", "warm", "recordings", "callback_log", "seen_nonces"), row, strict=True)
+        zip(("bench", "warm", "recordings", "callback_log", "nonces"), row, strict=True)
     )
 
 
