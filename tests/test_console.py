@@ -354,7 +354,7 @@ def test_admin_sees_failed_recordings_with_their_error_and_requeues_one(app):
         )
     client = signed_in(app, Role.ADMIN)
     page = client.get("/console/failed")
-    assert "HTTP 404" in page.text and "f2" not in page.text
+    assert "HTTP 404" in page.text and "/console/recordings/f2" not in page.text
     refused = client.post("/console/recordings/f1/requeue")
     assert refused.status_code == 403
     done = client.post("/console/recordings/f1/requeue", data={"csrf_token": csrf_of(client)})
@@ -396,3 +396,29 @@ def test_legal_hold_on_a_local_archive_is_refused_as_the_api_refuses_it(app):
         data={"csrf_token": csrf, "on": "true", "reason": "inquiry"},
     )
     assert local.status_code == 502 and "S3 archive with Object Lock" in local.text
+
+
+def test_signing_in_again_replaces_the_browsers_session(app):
+    client = signed_in(app)
+    first = session_cookie(client)
+    assert sign_in(client, token_for(app, Role.COMPLIANCE)).status_code == 303
+    assert session_cookie(client) != first
+    replay = app.test_client()
+    replay.set_cookie("__Host-console_session", first)
+    assert replay.get("/console/").status_code == 302
+
+
+def test_search_hits_show_their_transcript_snippet_with_the_words_marked(app, monkeypatch):
+    seed(app, Seed("n1"))
+    import webhook.console as console
+
+    def with_snippet(session: Any, args: Any) -> Any:
+        recordings, cursor = real(session, args)
+        for r in recordings:
+            r["snippet"] = "…we should sell the bonds…"
+        return recordings, cursor
+
+    real = console.recordings_page
+    monkeypatch.setattr(console, "recordings_page", with_snippet)
+    page = signed_in(app).get("/console/?q=bonds")
+    assert '<div class="snippet">…we should sell the <mark>bonds</mark>…</div>' in page.text

@@ -72,6 +72,7 @@ SEARCH_FIELDS = (
     "min_duration",
     "max_duration",
     "legal_hold",
+    "notified",
     "retained_until_after",
     "retained_until_before",
     "q",
@@ -249,6 +250,8 @@ def sign_in() -> ResponseReturnValue:
         status = 401 if staff is None else 403
         return render_template("console/sign_in.html", next=next_page, error=message), status
     settings = services(current_app).settings
+    if g.console_session_id is not None:
+        end_session(session, g.console_session_id)  # one browser, one session
     raw = open_session(session, staff, settings.console_idle_minutes)
     session.commit()
     g.staff_name = staff.name
@@ -262,7 +265,7 @@ def sign_in() -> ResponseReturnValue:
 
 
 @bp.post("/sign-out")
-@signed_in(Role.COMPLIANCE, Role.OPERATOR)
+@signed_in(Role.COMPLIANCE)
 def sign_out() -> ResponseReturnValue:
     """End the session now."""
     session = request_session()
