@@ -56,10 +56,11 @@ bp.add_app_template_filter(present.highlight, "highlight")
 P = ParamSpec("P")
 R = TypeVar("R")
 
-# Pages load nothing but this origin's stylesheet (no script at all); audio may also come from
-# the archive's presigned links, whose origin the recording page adds.
+# Pages load nothing but this origin's stylesheet and one small script file (no inline script);
+# audio may also come from the archive's presigned links, whose origin the recording page adds.
 CSP = (
-    "default-src 'none'; style-src 'self'; img-src 'self'; media-src 'self'{media}; "
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+    "media-src 'self'{media}; "
     "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
 )
 SEARCH_FIELDS = (
