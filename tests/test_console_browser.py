@@ -155,7 +155,7 @@ def sign_in(page: Any, base: str, token: str) -> None:
     assert page.title().startswith("Sign in")
     page.get_by_label("Staff token").fill(token)
     page.get_by_role("button", name="Sign in").click()
-    page.wait_for_url(re.compile(r"/console/$"))
+    page.wait_for_url(re.compile(r"^http://[^/]+/console/$"))
 
 
 def page_status(page: Any, url: str) -> int:
@@ -307,3 +307,42 @@ def test_idle_session_ends_after_console_idle_minutes(
         page.goto(f"{console.base}/console/?conference=y")
         assert page.title().startswith("Sign in")
     context.close()
+
+
+def test_console_is_usable_with_the_keyboard_alone(
+    browser: Any, start_console: Callable[..., Console], plivo: FakePlivo
+) -> None:
+    console = start_console()
+    recording_id = archive_recording(console.app, plivo)
+    token = token_for(console.app, Role.COMPLIANCE, "kim")
+    page = browser.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+
+    def focused(expression: str) -> Any:
+        return page.evaluate(
+            f"(() => {{ const e = document.activeElement; return {expression}; }})()"
+        )
+
+    with console.deployment.logs_on_failure():
+        page.goto(f"{console.base}/console/")
+        assert focused("e.id") == "token"  # the sign-in page starts in the token field
+        page.keyboard.type(token)
+        page.keyboard.press("Enter")
+        page.wait_for_url(re.compile(r"^http://[^/]+/console/$"))
+        page.keyboard.press("Tab")
+        assert focused("e.textContent") == "Skip to content"
+        assert focused("getComputedStyle(e).outlineStyle") == "solid"  # focus is visible
+        page.keyboard.press("Enter")
+        page.keyboard.press("Tab")
+        assert focused("e.id") == "participant"
+        page.keyboard.type("1-415-555-0101")
+        page.keyboard.press("Enter")
+        page.wait_for_url(re.compile(r"participant=1-415-555-0101$"))
+        for _ in range(40):
+            page.keyboard.press("Tab")
+            if f"/console/recordings/{recording_id}" in (focused("e.href || ''") or ""):
+                break
+        page.keyboard.press("Enter")
+        page.wait_for_url(re.compile(rf"/console/recordings/{recording_id}"))
+        assert page.title() == f"Recording {recording_id} · Recording archive"
+    page.close()
