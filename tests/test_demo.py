@@ -30,6 +30,7 @@ def test_demo_archives_a_signed_recording_on_the_embedded_defaults(tmp_path: Pat
     assert "bad signature -> 403" in done.stdout
     assert "archived 1 recording(s)" in done.stdout
     assert "byte-exact" in done.stdout
+    assert "console:   http://127.0.0.1:" in done.stdout and "/console/\n" in done.stdout
     assert (tmp_path / "webhook.sqlite3").exists()
     archived = list((tmp_path / "archive").rglob("*.wav"))
     assert len(archived) == 1

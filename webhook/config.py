@@ -73,6 +73,7 @@ class Settings:
     reconcile_interval_seconds: int
     max_callback_bytes: int
     presign_seconds: int
+    console_idle_minutes: float
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], instance_path: str) -> Settings:
@@ -108,6 +109,7 @@ class Settings:
             reconcile_interval_seconds=_int(env, "RECONCILE_INTERVAL_SECONDS", 3600) or 0,
             max_callback_bytes=_int(env, "MAX_CALLBACK_BYTES", 64 * 1024, minimum=1024) or 65536,
             presign_seconds=min(_int(env, "PRESIGN_SECONDS", 60, minimum=1) or 60, 300),
+            console_idle_minutes=_console_idle_minutes(env),
         )
 
     def replace(self, **changes: Any) -> Settings:
@@ -122,3 +124,17 @@ class Settings:
 def load(instance_path: str, env: Mapping[str, str] | None = None) -> Settings:
     """Read the settings from the process environment (or the mapping given)."""
     return Settings.from_env(os.environ if env is None else env, instance_path)
+
+
+def _console_idle_minutes(env: Mapping[str, str]) -> float:
+    """CONSOLE_IDLE_MINUTES: 15 by default; decimals allowed (0.05 is three seconds)."""
+    raw = env.get("CONSOLE_IDLE_MINUTES", "").strip()
+    if not raw:
+        return 15.0
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"CONSOLE_IDLE_MINUTES must be a number, got {raw!r}") from None
+    if not 0 < value <= 24 * 60:
+        raise ConfigError(f"CONSOLE_IDLE_MINUTES must be above 0 and at most 1440, got {raw}")
+    return value

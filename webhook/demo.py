@@ -129,6 +129,7 @@ def run_demo(port: int, serve: bool, instance_path: str | None = None) -> bool:
         nonce,
     )
     click.echo(f"service:   {base}")
+    click.echo(f"console:   {base}/console/")
     click.echo(f"database:  {settings.database_url}")
     click.echo(f"archive:   {settings.archive_url}")
     answer = requests.post(
@@ -173,6 +174,7 @@ def run_demo(port: int, serve: bool, instance_path: str | None = None) -> bool:
         f"\nThe service keeps running at {base} with its worker. An admin token for you"
         " (revoked when the demo stops):\n"
         f"  curl -H 'Authorization: Bearer {token}' {base}/api/recordings\n"
+        f"or sign in to the staff console at {base}/console/ with it.\n"
         "Press Ctrl-C to stop."
     )
     stop = threading.Event()

@@ -261,3 +261,22 @@ class AuditRecording(Base):
     recording_id: Mapped[str] = mapped_column(String(64), primary_key=True)
 
     __table_args__ = (Index("ix_audit_recordings_recording_id", "recording_id"),)
+
+
+class ConsoleSession(Base):
+    """A signed-in console session: only the SHA-256 of its random id is kept.
+
+    `token_hash` is the staff token the session was opened with, so revoking or rotating the
+    token ends the session on its next request.
+    """
+
+    __tablename__ = "console_sessions"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    session_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    staff_id: Mapped[int] = mapped_column(ForeignKey("staff.id", ondelete="CASCADE"))
+    token_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_seen_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    __table_args__ = (Index("ix_console_sessions_last_seen_at", "last_seen_at"),)

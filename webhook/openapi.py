@@ -454,6 +454,21 @@ def openapi_document() -> dict[str, Any]:
                     },
                 }
             },
+            "/console/": {
+                "get": {
+                    "tags": ["console"],
+                    "summary": "The staff console (HTML pages for a browser; see the README)",
+                    "description": "Signed in through a form that takes a staff token, then a "
+                    "session cookie. Its other pages live under /console/ too; they are HTML, "
+                    "not part of the JSON API.",
+                    "security": [],
+                    "responses": {
+                        "200": {"description": "The search page", "content": {"text/html": {}}},
+                        "302": {"description": "Not signed in: to /console/sign-in"},
+                        "503": {"description": "The access could not be audited"},
+                    },
+                }
+            },
             "/openapi.json": {
                 "get": {
                     "tags": ["meta"],

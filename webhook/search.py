@@ -7,12 +7,14 @@ import binascii
 import datetime as dt
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import Select, exists, or_, select, tuple_
+from sqlalchemy.orm import Session
 
 from webhook.errors import BadParameter
 from webhook.models import Participant, Recording, Status
-from webhook.recordings import participant_key
+from webhook.recordings import participant_key, participants_of, to_json
 
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 200
@@ -206,3 +208,19 @@ def recordings_query(f: RecordingFilter, after: Cursor | None = None) -> Select[
             tuple_(Recording.start_ms, Recording.id) < tuple_(after.start_ms, after.id)
         )
     return query.order_by(Recording.start_ms.desc(), Recording.id.desc())
+
+
+def recordings_page(
+    session: Session, args: Mapping[str, str]
+) -> tuple[list[dict[str, Any]], str | None]:
+    """One page of `GET /api/recordings` from its query string: the recordings as the API shows
+    them and the next page's cursor (None on the last page); BadParameter naming a bad filter."""
+    filters = parse_filter(args)
+    limit = parse_limit(args.get("limit"))
+    raw_cursor = args.get("cursor")
+    after = Cursor.decode(raw_cursor) if raw_cursor else None
+    rows = list(session.scalars(recordings_query(filters, after).limit(limit + 1)))
+    page, more = rows[:limit], len(rows) > limit
+    participants = participants_of(session, [r.id for r in page])
+    next_cursor = Cursor(page[-1].start_ms, page[-1].id).encode() if more else None
+    return [to_json(r, participants[r.id]) for r in page], next_cursor

@@ -10,24 +10,21 @@ from collections.abc import Iterator
 from flask import (
     Blueprint,
     Response,
-    current_app,
     g,
     jsonify,
-    redirect,
     request,
     stream_with_context,
 )
 from flask.typing import ResponseReturnValue
 
-from webhook import services
-from webhook.archive.storage import StorageError
+from webhook import actions
 from webhook.audit import note_recordings
 from webhook.auth import require
 from webhook.db import request_session
-from webhook.errors import APIError, BadParameter
-from webhook.models import LegalHoldEvent, Recording, Role, Status
-from webhook.recordings import find, legal_hold_history, participants_of, to_json
-from webhook.search import Cursor, parse_filter, parse_limit, recordings_query
+from webhook.errors import BadParameter
+from webhook.models import Role
+from webhook.recordings import legal_hold_history, participants_of, to_json
+from webhook.search import Cursor, parse_filter, recordings_page, recordings_query
 
 bp = Blueprint("recordings", __name__)
 
@@ -56,34 +53,16 @@ EXPORT_COLUMNS = (
 @require(Role.COMPLIANCE)
 def list_recordings() -> Response:
     """Recordings matching the filters, newest first, a page at a time."""
-    filters = parse_filter(request.args)
-    limit = parse_limit(request.args.get("limit"))
-    raw_cursor = request.args.get("cursor")
-    after = Cursor.decode(raw_cursor) if raw_cursor else None
-    session = request_session()
-    rows = list(session.scalars(recordings_query(filters, after).limit(limit + 1)))
-    page, more = rows[:limit], len(rows) > limit
-    note_recordings(*(r.recording_id for r in page))
-    participants = participants_of(session, [r.id for r in page])
-    next_cursor = Cursor(page[-1].start_ms, page[-1].id).encode() if more else None
-    return jsonify(
-        recordings=[to_json(r, participants[r.id]) for r in page], next_cursor=next_cursor
-    )
-
-
-def _get(recording_id: str) -> Recording:
-    note_recordings(recording_id)
-    recording = find(request_session(), recording_id)
-    if recording is None:
-        raise APIError(404, "recording_not_found", f"No recording {recording_id!r}")
-    return recording
+    recordings, next_cursor = recordings_page(request_session(), request.args)
+    note_recordings(*(r["recording_id"] for r in recordings))
+    return jsonify(recordings=recordings, next_cursor=next_cursor)
 
 
 @bp.get("/recordings/<recording_id>")
 @require(Role.COMPLIANCE)
 def get_recording(recording_id: str) -> Response:
     """One recording: metadata, participants, archive, and its legal hold history."""
-    body = to_json(_get(recording_id))
+    body = to_json(actions.get_recording(recording_id))
     body["legal_hold_history"] = legal_hold_history(request_session(), recording_id)
     return jsonify(body)
 
@@ -92,30 +71,7 @@ def get_recording(recording_id: str) -> Response:
 @require(Role.COMPLIANCE)
 def get_audio(recording_id: str) -> ResponseReturnValue:
     """The audio: a short-lived presigned S3 link, or the bytes from a local archive."""
-    recording = _get(recording_id)
-    if recording.status != Status.ARCHIVED or not recording.archive_key:
-        raise APIError(
-            409, "not_archived", f"Recording {recording_id} is {recording.status}, not archived yet"
-        )
-    svc = services(current_app)
-    url = svc.storage.presigned_url(
-        recording.archive_key, recording.archive_version_id, svc.settings.presign_seconds
-    )
-    if url is not None:
-        response = redirect(url, 302)
-        response.headers["Cache-Control"] = "no-store"
-        return response
-    mimetype = "audio/mpeg" if recording.file_format == "mp3" else "audio/wav"
-    response = Response(
-        stream_with_context(svc.storage.read(recording.archive_key)), mimetype=mimetype
-    )
-    response.headers["Content-Length"] = str(recording.archive_size)
-    response.headers["Content-Disposition"] = (
-        f'attachment; filename="{recording.recording_id}.{recording.file_format}"'
-    )
-    response.headers["Digest"] = f"sha-256={recording.archive_sha256}"
-    response.headers["Cache-Control"] = "no-store"
-    return response
+    return actions.audio_response(actions.get_recording(recording_id))
 
 
 def _export_rows() -> Iterator[dict[str, object]]:
@@ -188,26 +144,6 @@ def set_legal_hold(recording_id: str) -> Response:
     if not isinstance(body, dict) or not isinstance(body.get("on"), bool):
         raise BadParameter("on", 'the body must be {"on": true|false, "reason": "..."}')
     reason = body.get("reason")
-    if reason is not None and (not isinstance(reason, str) or len(reason) > 2000):
+    if reason is not None and not isinstance(reason, str):
         raise BadParameter("reason", "reason must be a string of at most 2000 characters")
-    if body["on"] and not (reason or "").strip():
-        raise BadParameter("reason", "a reason is required to place a legal hold")
-    recording = _get(recording_id)
-    if recording.status != Status.ARCHIVED or not recording.archive_key:
-        raise APIError(409, "not_archived", f"Recording {recording_id} is not archived yet")
-    try:
-        services(current_app).storage.set_legal_hold(
-            recording.archive_key, recording.archive_version_id, body["on"]
-        )
-    except StorageError as exc:
-        raise APIError(502, "legal_hold_failed", str(exc)) from None
-    session = request_session()
-    recording.legal_hold = body["on"]
-    recording.legal_hold_reason = reason if body["on"] else None
-    session.add(
-        LegalHoldEvent(
-            recording_id=recording_id, on=body["on"], reason=reason, staff_name=g.staff_name
-        )
-    )
-    session.commit()
-    return jsonify(to_json(recording))
+    return jsonify(to_json(actions.set_legal_hold(recording_id, body["on"], reason, g.staff_name)))
