@@ -1,7 +1,7 @@
 """console sessions
 
 Revision ID: 0011
-Revises: 0004
+Revises: 0005
 Create Date: 2026-11-29
 
 Server-side sessions of the staff console: the hash of a random session id, the staff member and
@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0011"
-down_revision = "0004"
+down_revision = "0005"
 branch_labels = None
 depends_on = None
 
