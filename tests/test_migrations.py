@@ -191,8 +191,15 @@ def test_anonymous_tally_may_only_count_up(database_url: str) -> None:
     with engine.begin() as conn:
         conn.execute(
             tally.insert().values(
-                window_start=now, remote_addr="127.0.0.1", status=401, count=5, first_at=now,
-                last_at=now, method="GET", path="/api/recordings", user_agent=None,
+                window_start=now,
+                remote_addr="127.0.0.1",
+                status=401,
+                count=5,
+                first_at=now,
+                last_at=now,
+                method="GET",
+                path="/api/recordings",
+                user_agent=None,
             )
         )
     with engine.begin() as conn:

@@ -284,7 +284,5 @@ class AuditAnonymous(Base):
     user_agent: Mapped[str | None] = mapped_column(String(256))
 
     __table_args__ = (
-        UniqueConstraint(
-            "window_start", "remote_addr", "status", name="uq_audit_anonymous_window"
-        ),
+        UniqueConstraint("window_start", "remote_addr", "status", name="uq_audit_anonymous_window"),
     )

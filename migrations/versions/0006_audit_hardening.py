@@ -84,8 +84,8 @@ def _close_sqlite() -> None:
     for table, key in (*APPEND_ONLY.items(), ("audit_anonymous", ("id",))):
         match = " AND ".join(f"{c} = NEW.{c}" for c in key)
         op.execute(
-            f"CREATE TRIGGER {table}_no_replace BEFORE INSERT ON {table} "
-            f"WHEN EXISTS (SELECT 1 FROM {table} WHERE {match}) "  # noqa: S608 - constant names
+            f"CREATE TRIGGER {table}_no_replace BEFORE INSERT ON {table} "  # noqa: S608 - constants
+            f"WHEN EXISTS (SELECT 1 FROM {table} WHERE {match}) "
             f"BEGIN SELECT RAISE(ABORT, '{table} is append-only'); END"
         )
     changed = " OR ".join(f"NEW.{c} IS NOT OLD.{c}" for c in ANONYMOUS_FIXED)
