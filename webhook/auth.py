@@ -13,6 +13,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from webhook.db import request_session
+from webhook.edge import check_request
 from webhook.errors import APIError
 from webhook.models import Role, Staff, utcnow
 
@@ -78,6 +79,8 @@ def require(*roles: Role) -> Callable[[Callable[P, R]], Callable[P, R]]:
         @wraps(view)
         def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
             staff = authenticate()
+            # After authenticating, so a malformed request is audited under its staff name.
+            check_request()
             if staff.role != Role.ADMIN and staff.role not in roles:
                 raise APIError(
                     403,

@@ -297,6 +297,24 @@ def find(session: Session, recording_id: str) -> Recording | None:
     ).one_or_none()
 
 
+def lock_recording(session: Session, recording_id: str) -> Recording | None:
+    """A recording's row, locked until the transaction ends: FOR UPDATE on PostgreSQL; on SQLite,
+    which ignores FOR UPDATE, a write that changes nothing first takes its single writer lock."""
+    if session.get_bind().dialect.name == "sqlite":
+        session.execute(
+            update(Recording)
+            .where(Recording.recording_id == recording_id)
+            .values(updated_at=Recording.updated_at)
+            .execution_options(synchronize_session=False)
+        )
+    return session.scalars(
+        select(Recording)
+        .where(Recording.recording_id == recording_id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    ).one_or_none()
+
+
 def legal_hold_history(session: Session, recording_id: str) -> list[dict[str, Any]]:
     """Every placing and lifting of a hold on this recording, oldest first."""
     events = session.scalars(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 from collections.abc import Iterator
 
 from flask import (
@@ -18,18 +19,27 @@ from flask import (
     stream_with_context,
 )
 from flask.typing import ResponseReturnValue
+from sqlalchemy.exc import DBAPIError
 
 from webhook import services
-from webhook.archive.storage import StorageError
+from webhook.archive.storage import Storage, StorageError
 from webhook.audit import note_recordings
 from webhook.auth import require
 from webhook.db import request_session
+from webhook.edge import check_recording_id, check_text
 from webhook.errors import APIError, BadParameter
 from webhook.models import LegalHoldEvent, Recording, Role, Status
-from webhook.recordings import find, legal_hold_history, participants_of, to_json
+from webhook.recordings import (
+    find,
+    legal_hold_history,
+    lock_recording,
+    participants_of,
+    to_json,
+)
 from webhook.search import Cursor, parse_filter, parse_limit, recordings_query
 
 bp = Blueprint("recordings", __name__)
+log = logging.getLogger(__name__)
 
 EXPORT_BATCH = 1000
 EXPORT_COLUMNS = (
@@ -72,7 +82,7 @@ def list_recordings() -> Response:
 
 
 def _get(recording_id: str) -> Recording:
-    note_recordings(recording_id)
+    note_recordings(check_recording_id(recording_id))
     recording = find(request_session(), recording_id)
     if recording is None:
         raise APIError(404, "recording_not_found", f"No recording {recording_id!r}")
@@ -183,31 +193,69 @@ def export_recordings() -> Response:
 @bp.put("/recordings/<recording_id>/legal-hold")
 @require(Role.ADMIN)
 def set_legal_hold(recording_id: str) -> Response:
-    """Place or lift a legal hold: on the S3 object (Object Lock) and in the database."""
+    """Place or lift a legal hold: on the S3 object (Object Lock) and in the database, together.
+
+    Everything is validated before S3 is asked. The recording's row stays locked from before the
+    S3 call until the commit, so concurrent changes apply one after the other, and a failure on
+    either side puts S3 back as the row says: S3, the row and its history always agree.
+    """
     body = request.get_json(silent=True)
     if not isinstance(body, dict) or not isinstance(body.get("on"), bool):
         raise BadParameter("on", 'the body must be {"on": true|false, "reason": "..."}')
-    reason = body.get("reason")
-    if reason is not None and (not isinstance(reason, str) or len(reason) > 2000):
-        raise BadParameter("reason", "reason must be a string of at most 2000 characters")
-    if body["on"] and not (reason or "").strip():
+    on: bool = body["on"]
+    reason = check_text("reason", body.get("reason"), 2000, multiline=True)
+    if on and not (reason or "").strip():
         raise BadParameter("reason", "a reason is required to place a legal hold")
-    recording = _get(recording_id)
+    note_recordings(check_recording_id(recording_id))
+    session = request_session()
+    recording = lock_recording(session, recording_id)
+    if recording is None:
+        raise APIError(404, "recording_not_found", f"No recording {recording_id!r}")
     if recording.status != Status.ARCHIVED or not recording.archive_key:
         raise APIError(409, "not_archived", f"Recording {recording_id} is not archived yet")
-    try:
-        services(current_app).storage.set_legal_hold(
-            recording.archive_key, recording.archive_version_id, body["on"]
-        )
-    except StorageError as exc:
-        raise APIError(502, "legal_hold_failed", str(exc)) from None
-    session = request_session()
-    recording.legal_hold = body["on"]
-    recording.legal_hold_reason = reason if body["on"] else None
+    key, version_id = recording.archive_key, recording.archive_version_id
+    held = recording.legal_hold
+    recording.legal_hold = on
+    recording.legal_hold_reason = reason if on else None
     session.add(
-        LegalHoldEvent(
-            recording_id=recording_id, on=body["on"], reason=reason, staff_name=g.staff_name
-        )
+        LegalHoldEvent(recording_id=recording_id, on=on, reason=reason, staff_name=g.staff_name)
     )
-    session.commit()
+    session.flush()  # a database refusal surfaces here, before S3 is changed
+    storage = services(current_app).storage
+    try:
+        storage.set_legal_hold(key, version_id, on)
+    except StorageError as exc:
+        session.rollback()
+        # S3 may have applied the change and failed to say so (a timeout).
+        _restore_legal_hold(storage, recording_id, key, version_id, held, exc)
+        raise APIError(
+            502, "legal_hold_failed", "S3 did not confirm the legal hold; nothing was changed"
+        ) from None
+    try:
+        session.commit()
+    except DBAPIError as exc:
+        _restore_legal_hold(storage, recording_id, key, version_id, held, exc)
+        raise
     return jsonify(to_json(recording))
+
+
+def _restore_legal_hold(
+    storage: Storage,
+    recording_id: str,
+    key: str,
+    version_id: str | None,
+    held: bool,
+    cause: Exception,
+) -> None:
+    """Put S3's legal hold back to what the database keeps, after a change that failed."""
+    log.warning(
+        "legal hold not changed",
+        extra={"recording_id": recording_id, "error": type(cause).__name__},
+    )
+    try:
+        storage.set_legal_hold(key, version_id, held)
+    except StorageError:
+        log.error(
+            "legal hold in S3 may differ from the database; set it again",
+            extra={"recording_id": recording_id, "legal_hold": held},
+        )
