@@ -42,6 +42,7 @@ bp = Blueprint("recordings", __name__)
 log = logging.getLogger(__name__)
 
 EXPORT_BATCH = 1000
+FORMULA_TRIGGERS = ("=", "+", "-", "@", "\t", "\r")
 EXPORT_COLUMNS = (
     "recording_id",
     "conference_name",
@@ -128,6 +129,15 @@ def get_audio(recording_id: str) -> ResponseReturnValue:
     return response
 
 
+def as_text_cell(value: object) -> object:
+    """A CSV cell a spreadsheet shows as text, never runs as a formula (OWASP's CSV injection
+    advice): a string starting with = + - @ tab or carriage return gets a leading apostrophe.
+    Every E.164 number starts with +. NDJSON keeps values exact."""
+    if isinstance(value, str) and value.startswith(FORMULA_TRIGGERS):
+        return "'" + value
+    return value
+
+
 def _export_rows() -> Iterator[dict[str, object]]:
     filters = parse_filter(request.args)
     session = request_session()
@@ -176,7 +186,7 @@ def export_recordings() -> Response:
                 f"{p['from'] or ''}>{p['to'] or ''}"
                 for p in row["participants"]  # type: ignore[attr-defined]
             )
-            writer.writerow(row)
+            writer.writerow({k: as_text_cell(v) for k, v in row.items()})
             if buffer.tell() > 64 * 1024:
                 yield buffer.getvalue()
                 buffer.seek(0)
