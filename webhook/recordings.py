@@ -99,7 +99,11 @@ def parse_report(raw: Mapping[str, str]) -> RecordingReport:
         raise BadParameter("recording_id", "recording_id may hold only letters, digits, . _ and -")
     record_url = _text(fields, "record_url", 2048, required=True)
     assert record_url is not None
-    parts = urlsplit(record_url)
+    try:
+        parts = urlsplit(record_url)
+        parts.port  # noqa: B018 - parsing the port is the check (out of range raises)
+    except ValueError:
+        raise BadParameter("record_url", "record_url is not a well-formed URL") from None
     if not parts.scheme or not parts.hostname:
         raise BadParameter("record_url", "record_url must be an absolute URL")
     duration_bounds = (0, MAX_DURATION_MS)

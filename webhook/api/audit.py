@@ -80,6 +80,7 @@ def list_audit() -> Response:
                 "method": e.method,
                 "path": e.path,
                 "query": e.query,
+                "params": e.params,
                 "status": e.status,
                 "recording_ids": sorted(touched.get(e.id, [])),
                 "remote_addr": e.remote_addr,
