@@ -211,8 +211,9 @@ def test_healthz_is_503_when_the_bucket_has_no_object_lock_and_the_log_says_why(
     body = response.get_json()
     assert body == {"status": "unavailable", "checks": {"database": "ok", "archive": "unavailable"}}
     assert bucket not in response.get_data(as_text=True)
-    why = [r for r in caplog.records if r.getMessage() == "health check: archive unavailable"]
-    assert "Object Lock" in why[0].error and bucket in why[0].error  # type: ignore[attr-defined]
+    (why,) = [r.__dict__ for r in caplog.records if r.getMessage() == "health check failed"]
+    assert why["check"] == "archive"
+    assert "Object Lock" in why["error"] and bucket in why["error"]
 
 
 def test_healthz_is_200_with_an_object_lock_bucket(locked_app: Flask) -> None:

@@ -362,6 +362,12 @@ def test_anonymous_healthz_names_no_bucket_or_endpoint(
     assert response.get_json()["checks"]["archive"] == "unavailable"
     said = response.get_data(as_text=True)
     assert "no-such-bucket-here" not in said and "127.0.0.1" not in said
+    assert "details" not in response.get_json()
+    compliance = app.test_client().get("/healthz", headers=bearer(app, Role.COMPLIANCE))
+    assert "no-such-bucket-here" not in compliance.get_data(as_text=True)
+    operator = app.test_client().get("/healthz", headers=bearer(app, Role.OPERATOR))
+    assert operator.status_code == 503
+    assert "no-such-bucket-here" in operator.get_json()["details"]["archive"]
 
 
 @pytest.mark.parametrize("failure", ["unreachable", "rejected"])

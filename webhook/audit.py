@@ -22,7 +22,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DBAPIError
 
 from webhook import services
-from webhook.auth import staff_for_token
+from webhook.auth import bearer_token, staff_for_token
 from webhook.db import describe_error, request_session
 from webhook.edge import REQUEST_TARGET_LIMIT, request_target_length
 from webhook.errors import error_response
@@ -89,10 +89,10 @@ def _staff_name() -> str | None:
     name: str | None = g.get("staff_name")
     if name is not None or request.url_rule is not None:
         return name
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+    token = bearer_token()
+    if token is None:
         return None
-    staff = staff_for_token(request_session(), token.strip())
+    staff = staff_for_token(request_session(), token)
     if staff is None:
         return None
     g.staff_name, g.staff_role = staff.name, staff.role

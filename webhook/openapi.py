@@ -227,6 +227,12 @@ SCHEMAS: dict[str, Any] = {
                 "description": "ok or unavailable per check; why a check failed is logged",
                 "additionalProperties": {"type": "string", "enum": ["ok", "unavailable"]},
             },
+            "details": {
+                "type": "object",
+                "description": "Why each failed check failed: only for an operator or admin "
+                "token, and only while the database answers",
+                "additionalProperties": STRING,
+            },
         },
     },
 }
