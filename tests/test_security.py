@@ -18,6 +18,7 @@ from tests.fakeplivo import FakePlivo
 from tests.test_api import Seed, seed
 from tests.test_compliance import LOCKED, NOW_MS, archive, put_hold, row
 from webhook import services
+from webhook.archive.storage import StorageError
 from webhook.config import ConfigError, load
 from webhook.db import request_session
 from webhook.logs import JSONFormatter
@@ -146,6 +147,40 @@ def test_a_failed_s3_call_changes_nothing_and_says_nothing_of_s3(
     assert bucket not in response.get_data(as_text=True)
     assert row(app, "unlockable").legal_hold is False
     assert history(app, "unlockable") == []
+
+
+class AppliedThenTimedOut:
+    """A storage whose first legal-hold call reaches S3 but reports a failure (a lost answer)."""
+
+    def __init__(self, storage: Any) -> None:
+        self.storage = storage
+        self.calls: list[bool] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.storage, name)
+
+    def set_legal_hold(self, key: str, version_id: str | None, on: bool) -> None:
+        self.calls.append(on)
+        self.storage.set_legal_hold(key, version_id, on)
+        if len(self.calls) == 1:
+            raise StorageError("read timeout")
+
+
+def test_an_s3_change_whose_answer_is_lost_is_undone(
+    hold_app: Flask, plivo: FakePlivo, s3: Any, hold_bucket: str
+) -> None:
+    archive(hold_app, plivo, ("lost-answer", NOW_MS))
+    svc = services(hold_app)
+    flaky = AppliedThenTimedOut(svc.storage)
+    svc.__dict__["storage"] = flaky  # the cached storage, replaced for this app only
+
+    response = put_hold(hold_app, "lost-answer", {"on": True, "reason": "inquiry"})
+
+    assert response.status_code == 502
+    assert flaky.calls == [True, False]
+    assert s3_status(hold_app, s3, hold_bucket, "lost-answer") == "OFF"
+    assert row(hold_app, "lost-answer").legal_hold is False
+    assert history(hold_app, "lost-answer") == []
 
 
 # --- the audit records exactly what was asked --------------------------------------------------
