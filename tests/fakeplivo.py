@@ -81,6 +81,7 @@ class FakePlivo:
         self.media_requests: list[tuple[str, bool]] = []
         self.media_faults: dict[str, list[str]] = {}
         self.api_faults: list[int | str] = []
+        self.api_fault_body: dict[str, Any] | None = None  # the JSON an injected fault answers
         self.stall_seconds = 5.0
         self.conferences: dict[str, dict[str, Any]] = {}
         self._conference_uuids: dict[str, str] = {}
@@ -339,6 +340,8 @@ class FakePlivo:
             fault = self.api_faults.pop(0) if self.api_faults else None
         if fault == "stall":
             self._stopping.wait(self.stall_seconds)
+        elif fault is not None and self.api_fault_body is not None:
+            return _json(int(fault), self.api_fault_body)
         elif fault is not None:
             return _error(int(fault), f"injected fault {fault}")
         if not self._authorized(request, auth_id):

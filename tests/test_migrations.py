@@ -101,3 +101,120 @@ def test_logs_are_append_only_in_the_database(database_url: str, table: str, row
     with engine.connect() as conn:
         assert conn.execute(sa.select(sa.func.count()).select_from(model_table)).scalar() == 1
     engine.dispose()
+
+
+APPEND_ONLY_ROWS = {
+    "audit_events": {"at": utcnow(), "method": "GET", "path": "/api/x", "query": "", "status": 200},
+    "callback_log": {
+        "received_at": utcnow(),
+        "recording_id": "r",
+        "method": "POST",
+        "headers": {},
+        "body": "",
+        "query": "",
+        "signature_verdict": "v3",
+        "nonce": "n",
+        "duplicate": False,
+    },
+    "legal_hold_events": {"recording_id": "r", "on": True, "reason": "x", "staff_name": "s"},
+}
+
+
+def _fill_append_only_tables(conn: sa.Connection) -> None:
+    tables = Base.metadata.tables
+    for name, row in APPEND_ONLY_ROWS.items():
+        values = {"at": utcnow(), **row} if name == "legal_hold_events" else row
+        conn.execute(tables[name].insert().values(**values))
+    audit_id = conn.execute(sa.select(sa.func.max(tables["audit_events"].c.id))).scalar_one()
+    conn.execute(tables["audit_recordings"].insert().values(audit_id=audit_id, recording_id="r"))
+
+
+def _counts(engine: sa.Engine) -> dict[str, int]:
+    with engine.connect() as conn:
+        return {
+            name: conn.execute(
+                sa.select(sa.func.count()).select_from(Base.metadata.tables[name])
+            ).scalar_one()
+            for name in (*APPEND_ONLY_ROWS, "audit_recordings")
+        }
+
+
+@pytest.mark.postgres
+@pytest.mark.skipif(not ON_POSTGRES, reason="TRUNCATE is PostgreSQL's (set TEST_DATABASE_URL)")
+@pytest.mark.parametrize(
+    "table", ["audit_events", "audit_recordings", "callback_log", "legal_hold_events"]
+)
+def test_append_only_tables_refuse_truncate(database_url: str, table: str) -> None:
+    engine = sa.create_engine(database_url)
+    with engine.begin() as conn:
+        _fill_append_only_tables(conn)
+    before = _counts(engine)
+
+    with pytest.raises(sa.exc.DatabaseError, match="append-only"), engine.begin() as conn:
+        conn.execute(sa.text(f"TRUNCATE {table} CASCADE"))
+
+    assert _counts(engine) == before
+    engine.dispose()
+
+
+@pytest.mark.skipif(ON_POSTGRES, reason="INSERT OR REPLACE is SQLite's")
+@pytest.mark.parametrize(
+    "table", ["audit_events", "audit_recordings", "callback_log", "legal_hold_events"]
+)
+def test_append_only_tables_refuse_insert_or_replace(database_url: str, table: str) -> None:
+    engine = sa.create_engine(database_url)
+    model_table = Base.metadata.tables[table]
+    with engine.begin() as conn:
+        _fill_append_only_tables(conn)
+    with engine.connect() as conn:
+        original = conn.execute(sa.select(model_table)).mappings().one()
+    # The same key (for audit_recordings the key is the whole row), other contents.
+    forged = {**original, **{c: "rewritten" for c in ("path", "body", "reason") if c in original}}
+    statement = sa.insert(model_table).prefix_with("OR REPLACE").values(**forged)
+
+    with pytest.raises(sa.exc.DatabaseError, match="append-only"), engine.begin() as conn:
+        conn.execute(statement)
+
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(model_table)).mappings().one() == original
+    # New rows still go in.
+    with engine.begin() as conn:
+        _fill_append_only_tables(conn)
+    assert _counts(engine)[table] == 2
+    engine.dispose()
+
+
+def test_anonymous_tally_may_only_count_up(database_url: str) -> None:
+    engine = sa.create_engine(database_url)
+    tally = Base.metadata.tables["audit_anonymous"]
+    now = utcnow()
+    with engine.begin() as conn:
+        conn.execute(
+            tally.insert().values(
+                window_start=now,
+                remote_addr="127.0.0.1",
+                status=401,
+                count=5,
+                first_at=now,
+                last_at=now,
+                method="GET",
+                path="/api/recordings",
+                user_agent=None,
+            )
+        )
+    with engine.begin() as conn:
+        conn.execute(tally.update().values(count=tally.c.count + 1))
+    for statement in (
+        tally.update().values(count=1),
+        tally.update().values(remote_addr="127.0.0.2"),
+        tally.update().values(path="/elsewhere"),
+        tally.delete(),
+    ):
+        with (
+            pytest.raises(sa.exc.DatabaseError, match=r"count up|append-only"),
+            engine.begin() as conn,
+        ):
+            conn.execute(statement)
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(tally.c.count, tally.c.remote_addr)).one() == (6, "127.0.0.1")
+    engine.dispose()

@@ -60,6 +60,13 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     if settings.database_url.startswith("sqlite") or settings.archive_url.startswith("file:"):
         # The embedded defaults live in the instance folder.
         os.makedirs(app.instance_path, exist_ok=True)
+    if settings.trusted_proxy_hops:
+        from werkzeug.middleware.proxy_fix import ProxyFix
+
+        # The client address and scheme as the trusted proxies saw them; anything a client put in
+        # X-Forwarded-For before them is not believed.
+        hops = settings.trusted_proxy_hops
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops)  # type: ignore[method-assign]
     engine = make_engine(settings.database_url)
     app.extensions["webhook"] = Services(settings, engine, make_session_factory(engine))
 

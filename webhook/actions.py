@@ -3,23 +3,28 @@ find one, play it, place or lift a legal hold, requeue a failed one."""
 
 from __future__ import annotations
 
+import logging
+
 from flask import Response, current_app, redirect, stream_with_context
+from sqlalchemy.exc import DBAPIError
 from werkzeug.wrappers import Response as BaseResponse
 
 from webhook import services
-from webhook.archive.storage import StorageError
+from webhook.archive.storage import Storage, StorageError
 from webhook.audit import note_recordings
 from webhook.db import request_session
+from webhook.edge import check_recording_id, check_text
 from webhook.errors import APIError, BadParameter
 from webhook.models import LegalHoldEvent, Recording, Status
-from webhook.recordings import find, requeue
+from webhook.recordings import find, lock_recording, requeue
 
 MAX_REASON = 2000
+log = logging.getLogger(__name__)
 
 
 def get_recording(recording_id: str) -> Recording:
     """The recording, noted in the audit log; 404 when there is none."""
-    note_recordings(recording_id)
+    note_recordings(check_recording_id(recording_id))
     recording = find(request_session(), recording_id)
     if recording is None:
         raise APIError(404, "recording_not_found", f"No recording {recording_id!r}")
@@ -56,36 +61,75 @@ def audio_response(recording: Recording) -> BaseResponse:
     return response
 
 
-def check_legal_hold_reason(on: bool, reason: str | None) -> str | None:
-    """The reason, validated: at most 2000 characters, required to place a hold."""
-    if reason is not None and len(reason) > MAX_REASON:
-        raise BadParameter("reason", f"reason must be a string of at most {MAX_REASON} characters")
-    if on and not (reason or "").strip():
+def check_legal_hold_reason(on: bool, reason: object) -> str | None:
+    """The reason, validated: text of at most 2000 characters, required to place a hold."""
+    checked = check_text("reason", reason, MAX_REASON, multiline=True)
+    if on and not (checked or "").strip():
         raise BadParameter("reason", "a reason is required to place a legal hold")
-    return reason
+    return checked
 
 
-def set_legal_hold(recording_id: str, on: bool, reason: str | None, staff_name: str) -> Recording:
-    """Place or lift a legal hold on the S3 object (Object Lock) and in the database, with the
-    event in the append-only history; committed."""
-    reason = check_legal_hold_reason(on, reason)
-    recording = get_recording(recording_id)
-    if recording.status != Status.ARCHIVED or not recording.archive_key:
-        raise APIError(409, "not_archived", f"Recording {recording_id} is not archived yet")
-    try:
-        services(current_app).storage.set_legal_hold(
-            recording.archive_key, recording.archive_version_id, on
-        )
-    except StorageError as exc:
-        raise APIError(502, "legal_hold_failed", str(exc)) from None
+def set_legal_hold(recording_id: str, on: bool, reason: object, staff_name: str) -> Recording:
+    """Place or lift a legal hold on the S3 object (Object Lock) and in the database, together,
+    with the event in the append-only history; committed.
+
+    Everything is validated before S3 is asked. The recording's row stays locked from before the
+    S3 call until the commit, so concurrent changes apply one after the other, and a failure on
+    either side puts S3 back as the row says: S3, the row and its history always agree.
+    """
+    checked = check_legal_hold_reason(on, reason)
+    note_recordings(check_recording_id(recording_id))
     session = request_session()
+    recording = lock_recording(session, recording_id)
+    if recording is None:
+        raise APIError(404, "recording_not_found", f"No recording {recording_id!r}")
+    key = _archived(recording)
+    version_id = recording.archive_version_id
+    held = recording.legal_hold
     recording.legal_hold = on
-    recording.legal_hold_reason = reason if on else None
+    recording.legal_hold_reason = checked if on else None
     session.add(
-        LegalHoldEvent(recording_id=recording_id, on=on, reason=reason, staff_name=staff_name)
+        LegalHoldEvent(recording_id=recording_id, on=on, reason=checked, staff_name=staff_name)
     )
-    session.commit()
+    session.flush()  # a database refusal surfaces here, before S3 is changed
+    storage = services(current_app).storage
+    try:
+        storage.set_legal_hold(key, version_id, on)
+    except StorageError as exc:
+        session.rollback()
+        # S3 may have applied the change and failed to say so (a timeout).
+        _restore_legal_hold(storage, recording_id, key, version_id, held, exc)
+        raise APIError(
+            502, "legal_hold_failed", "S3 did not confirm the legal hold; nothing was changed"
+        ) from None
+    try:
+        session.commit()
+    except DBAPIError as exc:
+        _restore_legal_hold(storage, recording_id, key, version_id, held, exc)
+        raise
     return recording
+
+
+def _restore_legal_hold(
+    storage: Storage,
+    recording_id: str,
+    key: str,
+    version_id: str | None,
+    held: bool,
+    cause: Exception,
+) -> None:
+    """Put S3's legal hold back to what the database keeps, after a change that failed."""
+    log.warning(
+        "legal hold not changed",
+        extra={"recording_id": recording_id, "error": type(cause).__name__},
+    )
+    try:
+        storage.set_legal_hold(key, version_id, held)
+    except StorageError:
+        log.error(
+            "legal hold in S3 may differ from the database; set it again",
+            extra={"recording_id": recording_id, "legal_hold": held},
+        )
 
 
 def requeue_recording(recording_id: str) -> None:

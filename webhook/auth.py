@@ -13,6 +13,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from webhook.db import request_session
+from webhook.edge import check_request
 from webhook.errors import APIError
 from webhook.models import Role, Staff, utcnow
 
@@ -57,13 +58,18 @@ def revoke_staff(session: Session, name: str) -> bool:
     return True
 
 
+def bearer_token() -> str | None:
+    """The token of the request's `Authorization: Bearer <token>` header, if it has one."""
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
 def authenticate() -> Staff:
     """The staff member behind the request's bearer token, or 401."""
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+    token = bearer_token()
+    if token is None:
         raise APIError(401, "unauthorized", "An Authorization: Bearer <token> header is required")
-    staff = staff_for_token(request_session(), token.strip())
+    staff = staff_for_token(request_session(), token)
     if staff is None:
         raise APIError(401, "unauthorized", "The token is unknown or revoked")
     g.staff_name = staff.name
@@ -78,6 +84,8 @@ def require(*roles: Role) -> Callable[[Callable[P, R]], Callable[P, R]]:
         @wraps(view)
         def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
             staff = authenticate()
+            # After authenticating, so a malformed request is audited under its staff name.
+            check_request()
             if staff.role != Role.ADMIN and staff.role not in roles:
                 raise APIError(
                     403,

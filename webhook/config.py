@@ -74,6 +74,7 @@ class Settings:
     max_callback_bytes: int
     presign_seconds: int
     console_idle_minutes: float
+    trusted_proxy_hops: int
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], instance_path: str) -> Settings:
@@ -110,6 +111,7 @@ class Settings:
             max_callback_bytes=_int(env, "MAX_CALLBACK_BYTES", 64 * 1024, minimum=1024) or 65536,
             presign_seconds=min(_int(env, "PRESIGN_SECONDS", 60, minimum=1) or 60, 300),
             console_idle_minutes=_console_idle_minutes(env),
+            trusted_proxy_hops=_trusted_proxy_hops(env),
         )
 
     def replace(self, **changes: Any) -> Settings:
@@ -119,6 +121,18 @@ class Settings:
         if "database_url" in changes:
             values["database_url"] = normalise_database_url(values["database_url"])
         return Settings(**values)
+
+
+MAX_PROXY_HOPS = 5
+
+
+def _trusted_proxy_hops(env: Mapping[str, str]) -> int:
+    """How many proxies in front of the service append to X-Forwarded-For: the client address is
+    the one the outermost trusted proxy saw. None off-platform; on a dyno, the platform router."""
+    hops = _int(env, "TRUSTED_PROXY_HOPS", 1 if env.get("DYNO") else 0) or 0
+    if hops > MAX_PROXY_HOPS:
+        raise ConfigError(f"TRUSTED_PROXY_HOPS must be at most {MAX_PROXY_HOPS}, got {hops}")
+    return hops
 
 
 def load(instance_path: str, env: Mapping[str, str] | None = None) -> Settings:

@@ -18,6 +18,8 @@ if TYPE_CHECKING:
 
 def make_engine(url: str, **kwargs: Any) -> Engine:
     """An engine that survives a database restart and lets two processes share SQLite."""
+    # Statement parameters hold callback bodies and signature headers: never in an error's text.
+    kwargs.setdefault("hide_parameters", True)
     if url.startswith("sqlite"):
         engine = create_engine(url, **kwargs)
 
@@ -71,6 +73,32 @@ def is_disconnect(exc: BaseException) -> bool:
     if isinstance(exc, DBAPIError) and exc.connection_invalidated:
         return True
     return isinstance(exc, OperationalError)
+
+
+def describe_error(exc: DBAPIError) -> str:
+    """A database error for the logs without the data it may quote: PostgreSQL's DETAIL and
+    CONTEXT lines repeat key values and the input that failed (callback bodies, signatures)."""
+    orig = exc.orig
+    kind = type(orig).__name__
+    sqlstate = getattr(orig, "sqlstate", None)
+    diag = getattr(orig, "diag", None)
+    if sqlstate is None:
+        # SQLite's messages name constraints and tables, never values.
+        return f"{kind}: {str(orig).splitlines()[0][:200]}" if str(orig) else kind
+    parts = [f"{kind} (SQLSTATE {sqlstate})"]
+    constraint = getattr(diag, "constraint_name", None)
+    table = getattr(diag, "table_name", None)
+    if table:
+        parts.append(f"table {table}")
+    if constraint:
+        parts.append(f"constraint {constraint}")
+    if isinstance(exc, OperationalError) or sqlstate.startswith(("08", "57", "53", "P0")):
+        # Connection, shutdown and resource failures, and the triggers' own messages, carry no
+        # request data in their first line.
+        primary = getattr(diag, "message_primary", None)
+        if primary:
+            parts.append(str(primary)[:200])
+    return ", ".join(parts)
 
 
 def migrations_folder() -> Path:

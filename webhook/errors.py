@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import re
+import traceback
 
 from flask import Flask, Response, jsonify
 from sqlalchemy.exc import DBAPIError
 from werkzeug.exceptions import HTTPException
 
-from webhook.db import is_disconnect
+from webhook.db import describe_error, is_disconnect
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +66,21 @@ def init_app(app: Flask) -> None:
     @app.errorhandler(DBAPIError)
     def _database_error(exc: DBAPIError) -> Response:
         if is_disconnect(exc):
-            log.warning("database unavailable: %s", exc.orig)
+            log.warning("database unavailable", extra={"error": describe_error(exc)})
             response = error_response(
                 503, "database_unavailable", "The database cannot be reached; try again shortly"
             )
             response.headers["Retry-After"] = "5"
             return response
-        log.exception("database error")
+        # Not log.exception: the exception's text quotes the failing input (see describe_error).
+        log.error(
+            "database error",
+            extra={
+                "error": describe_error(exc),
+                "statement": (exc.statement or "")[:500],
+                "where": "".join(traceback.format_tb(exc.__traceback__)[-3:]),
+            },
+        )
         return error_response(
             500, "internal_error", "The server failed; the request was not stored"
         )

@@ -243,6 +243,8 @@ class AuditEvent(Base):
     remote_addr: Mapped[str | None] = mapped_column(String(64))
     user_agent: Mapped[str | None] = mapped_column(Text)
     request_id: Mapped[str | None] = mapped_column(String(64))
+    # The decoded query parameters as the service read them: {name: [values]} in full.
+    params: Mapped[dict[str, list[str]] | None] = mapped_column(JSON)
 
     __table_args__ = (
         Index("ix_audit_events_at_id", "at", "id"),
@@ -280,3 +282,25 @@ class ConsoleSession(Base):
     last_seen_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     __table_args__ = (Index("ix_console_sessions_last_seen_at", "last_seen_at"),)
+
+
+class AuditAnonymous(Base):
+    """API requests from no identified staff member, counted per client address, minute and
+    status with one bounded sample (the count may only grow; rows are never deleted)."""
+
+    __tablename__ = "audit_anonymous"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    window_start: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    remote_addr: Mapped[str] = mapped_column(String(64))
+    status: Mapped[int] = mapped_column(Integer)
+    count: Mapped[int] = mapped_column(BigInteger)
+    first_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    last_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    method: Mapped[str] = mapped_column(String(8))
+    path: Mapped[str] = mapped_column(String(256))
+    user_agent: Mapped[str | None] = mapped_column(String(256))
+
+    __table_args__ = (
+        UniqueConstraint("window_start", "remote_addr", "status", name="uq_audit_anonymous_window"),
+    )

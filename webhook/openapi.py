@@ -5,7 +5,9 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
+from webhook.edge import REQUEST_TARGET_LIMIT
 from webhook.models import Status
+from webhook.recordings import RECORDING_ID as RECORDING_ID_PATTERN
 from webhook.search import MAX_LIMIT
 
 JSON = "application/json"
@@ -36,13 +38,14 @@ def _query(name: str, description: str, schema: dict[str, Any]) -> dict[str, Any
 STAFF_ERRORS = {
     "401": _error("No valid bearer token"),
     "403": _error("The token's role may not do this"),
+    "414": _error(f"The path and query are longer than {REQUEST_TARGET_LIMIT} characters"),
     "503": _error("The database or the audit log is unavailable"),
 }
 RECORDING_ID = {
     "name": "recording_id",
     "in": "path",
     "required": True,
-    "schema": {"type": "string", "maxLength": 64},
+    "schema": {"type": "string", "maxLength": 64, "pattern": RECORDING_ID_PATTERN.pattern},
 }
 CONFERENCE_NAME = {
     "name": "name",
@@ -185,7 +188,13 @@ SCHEMAS: dict[str, Any] = {
             "role": NULLABLE_STRING,
             "method": STRING,
             "path": STRING,
-            "query": STRING,
+            "query": {"type": "string", "description": "The raw query string, in full"},
+            "params": {
+                "type": ["object", "null"],
+                "description": "The decoded query parameters as the service read them, in full "
+                "(a filter uses the first value of a repeated parameter)",
+                "additionalProperties": {"type": "array", "items": STRING},
+            },
             "status": {"type": "integer"},
             "recording_ids": {"type": "array", "items": STRING},
             "remote_addr": NULLABLE_STRING,
@@ -213,7 +222,17 @@ SCHEMAS: dict[str, Any] = {
         "type": "object",
         "properties": {
             "status": {"type": "string", "enum": ["ok", "unavailable"]},
-            "checks": {"type": "object", "additionalProperties": STRING},
+            "checks": {
+                "type": "object",
+                "description": "ok or unavailable per check; why a check failed is logged",
+                "additionalProperties": {"type": "string", "enum": ["ok", "unavailable"]},
+            },
+            "details": {
+                "type": "object",
+                "description": "Why each failed check failed: only for an operator or admin "
+                "token, and only while the database answers",
+                "additionalProperties": STRING,
+            },
         },
     },
 }
@@ -269,6 +288,7 @@ def openapi_document() -> dict[str, Any]:
     """The whole document (built once per process)."""
     recording = {
         "200": _json("The recording", _ref("Recording")),
+        "400": _error("A malformed recording_id or parameter; the code names it"),
         "404": _error("No such recording"),
     }
     return {
@@ -321,6 +341,7 @@ def openapi_document() -> dict[str, Any]:
                     "summary": "Stop recording a conference (operator)",
                     "responses": {
                         "200": _json("Stopping", {"type": "object"}),
+                        "400": _error("A malformed conference name or parameter"),
                         "404": _error("No such conference"),
                         "502": _error("Plivo failed"),
                         "504": _error("Plivo did not answer in time"),
@@ -354,7 +375,9 @@ def openapi_document() -> dict[str, Any]:
                     ],
                     "responses": {
                         "200": {
-                            "description": "The rows, streamed",
+                            "description": "The rows, streamed; in CSV a text cell starting "
+                            "with = + - @ tab or CR is prefixed with ' so spreadsheets show it "
+                            "as text (NDJSON is exact)",
                             "content": {
                                 "text/csv": {"schema": STRING},
                                 "application/x-ndjson": {"schema": STRING},
@@ -386,6 +409,7 @@ def openapi_document() -> dict[str, Any]:
                         "302": {
                             "description": "Redirect to a presigned S3 URL (5 minutes at most)"
                         },
+                        "400": _error("A malformed recording_id or parameter; the code names it"),
                         "404": _error("No such recording"),
                         "409": _error("Not archived yet"),
                         **STAFF_ERRORS,
@@ -414,9 +438,12 @@ def openapi_document() -> dict[str, Any]:
                     },
                     "responses": {
                         **recording,
-                        "400": _error("Malformed body, or no reason for a hold"),
+                        "400": _error(
+                            "Malformed body or recording_id, a reason holding control "
+                            "characters, or no reason for a hold; nothing was changed"
+                        ),
                         "409": _error("Not archived yet"),
-                        "502": _error("The archive refused the hold"),
+                        "502": _error("S3 did not confirm the hold; nothing was changed"),
                         **STAFF_ERRORS,
                     },
                 },

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import re
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote
@@ -12,6 +14,10 @@ from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
 from webhook.errors import PlivoError
+
+log = logging.getLogger(__name__)
+URL_OR_PATH = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S*|/v1/\S*")
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 # (connect, read) seconds: an API call that takes longer is answered 504 to our own caller.
 DEFAULT_TIMEOUT = (3.05, 15.0)
@@ -51,13 +57,9 @@ class PlivoClient:
             reason = getattr(exc.args[0] if exc.args else None, "reason", None)
             if isinstance(reason, urllib3.exceptions.ReadTimeoutError):
                 raise PlivoError(504, "plivo_timeout", "Plivo did not answer in time") from None
-            raise PlivoError(
-                502, "plivo_unreachable", f"Plivo could not be reached: {exc}"
-            ) from None
+            raise self._unreachable(exc) from None
         except requests.RequestException as exc:
-            raise PlivoError(
-                502, "plivo_unreachable", f"Plivo could not be reached: {exc}"
-            ) from None
+            raise self._unreachable(exc) from None
         if response.status_code in (200, 201, 202, 204):
             if not response.content:
                 return {}
@@ -68,16 +70,30 @@ class PlivoClient:
                     502, "plivo_error", "Plivo answered with something not JSON"
                 ) from None
             return body
-        detail = _error_detail(response)
+        detail = _error_detail(response, self.auth_id)
+        log.warning(
+            "plivo refused a request",
+            extra={"status": response.status_code, "method": method, "detail": detail},
+        )
+        said = f": {detail}" if detail else ""
         if response.status_code == 404:
-            raise PlivoError(404, "not_found", f"Plivo has no such resource: {detail}")
+            raise PlivoError(404, "not_found", f"Plivo has no such resource{said}")
         if response.status_code in (401, 403):
             raise PlivoError(
-                502, "plivo_auth", f"Plivo refused the credentials in PLIVO_AUTH_ID/TOKEN: {detail}"
+                502, "plivo_auth", f"Plivo refused the credentials in PLIVO_AUTH_ID/TOKEN{said}"
             )
         if 400 <= response.status_code < 500:
-            raise PlivoError(400, "plivo_rejected", f"Plivo rejected the request: {detail}")
-        raise PlivoError(502, "plivo_error", f"Plivo failed ({response.status_code}): {detail}")
+            raise PlivoError(400, "plivo_rejected", f"Plivo rejected the request{said}")
+        raise PlivoError(502, "plivo_error", f"Plivo failed ({response.status_code}){said}")
+
+    def _unreachable(self, exc: requests.RequestException) -> PlivoError:
+        """Our caller learns that Plivo was not reached; the URL (which holds the account's auth
+        ID) and the cause go to the log only."""
+        log.warning(
+            "plivo unreachable",
+            extra={"error": _redact(str(exc), self.auth_id), "kind": type(exc).__name__},
+        )
+        return PlivoError(502, "plivo_unreachable", "Plivo could not be reached")
 
     def start_recording(
         self, conference_name: str, file_format: str, callback_url: str
@@ -119,11 +135,20 @@ class PlivoClient:
             offset += len(objects)
 
 
-def _error_detail(response: requests.Response) -> str:
+def _redact(text: str, auth_id: str) -> str:
+    """Text without URLs or API paths (they name the account) or the auth ID itself."""
+    text = URL_OR_PATH.sub("<url>", text)
+    return text.replace(auth_id, "<auth id>") if auth_id else text
+
+
+def _error_detail(response: requests.Response, auth_id: str) -> str:
+    """Plivo's own short error sentence, fit to show to our caller: redacted, one line, bounded.
+    Anything but Plivo's JSON error shape (a proxy's HTML page, say) says nothing."""
     try:
         body = response.json()
     except ValueError:
-        return response.text[:200] or response.reason
-    if isinstance(body, dict):
-        return str(body.get("error") or body.get("message") or body)[:200]
-    return str(body)[:200]
+        return ""
+    said = (body.get("error") or body.get("message")) if isinstance(body, dict) else None
+    if not isinstance(said, str):
+        return ""
+    return CONTROL_CHARACTERS.sub(" ", _redact(said, auth_id)).strip()[:200]

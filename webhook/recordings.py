@@ -99,7 +99,11 @@ def parse_report(raw: Mapping[str, str]) -> RecordingReport:
         raise BadParameter("recording_id", "recording_id may hold only letters, digits, . _ and -")
     record_url = _text(fields, "record_url", 2048, required=True)
     assert record_url is not None
-    parts = urlsplit(record_url)
+    try:
+        parts = urlsplit(record_url)
+        parts.port  # noqa: B018 - parsing the port is the check (out of range raises)
+    except ValueError:
+        raise BadParameter("record_url", "record_url is not a well-formed URL") from None
     if not parts.scheme or not parts.hostname:
         raise BadParameter("record_url", "record_url must be an absolute URL")
     duration_bounds = (0, MAX_DURATION_MS)
@@ -294,6 +298,24 @@ def find(session: Session, recording_id: str) -> Recording | None:
         select(Recording)
         .where(Recording.recording_id == recording_id)
         .options(selectinload(Recording.participants))
+    ).one_or_none()
+
+
+def lock_recording(session: Session, recording_id: str) -> Recording | None:
+    """A recording's row, locked until the transaction ends: FOR UPDATE on PostgreSQL; on SQLite,
+    which ignores FOR UPDATE, a write that changes nothing first takes its single writer lock."""
+    if session.get_bind().dialect.name == "sqlite":
+        session.execute(
+            update(Recording)
+            .where(Recording.recording_id == recording_id)
+            .values(updated_at=Recording.updated_at)
+            .execution_options(synchronize_session=False)
+        )
+    return session.scalars(
+        select(Recording)
+        .where(Recording.recording_id == recording_id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
     ).one_or_none()
 
 

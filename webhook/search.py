@@ -164,7 +164,8 @@ def parse_limit(raw: str | None) -> int:
     """The page size: 1 to 200, 50 when not given."""
     if raw is None or raw == "":
         return DEFAULT_LIMIT
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+    # isdigit() alone accepts "²" and other digits int() refuses.
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 3) or not 1 <= int(raw) <= MAX_LIMIT:
         raise BadParameter("limit", f"limit must be a whole number from 1 to {MAX_LIMIT}")
     return int(raw)
 
