@@ -10,7 +10,7 @@ from sqlalchemy.exc import DBAPIError
 from werkzeug.wrappers import Response as BaseResponse
 
 from webhook import services
-from webhook.archive.storage import Storage, StorageError
+from webhook.archive.storage import Storage, StorageError, Unsupported
 from webhook.audit import note_recordings
 from webhook.db import request_session
 from webhook.edge import check_recording_id, check_text
@@ -95,6 +95,9 @@ def set_legal_hold(recording_id: str, on: bool, reason: object, staff_name: str)
     storage = services(current_app).storage
     try:
         storage.set_legal_hold(key, version_id, on)
+    except Unsupported as exc:
+        session.rollback()
+        raise APIError(502, "legal_hold_failed", str(exc)) from None
     except StorageError as exc:
         session.rollback()
         # S3 may have applied the change and failed to say so (a timeout).

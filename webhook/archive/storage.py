@@ -27,6 +27,10 @@ class StorageError(Exception):
     """The archive failed or holds something other than what was written."""
 
 
+class Unsupported(StorageError):
+    """This kind of archive cannot do what was asked (nothing was changed)."""
+
+
 class ObjectLockMissing(StorageError):
     """Retention was asked for (OBJECT_LOCK_MODE) but the bucket cannot lock objects."""
 
@@ -207,4 +211,4 @@ class LocalStorage:
             raise StorageError(f"archive folder {self.root} is not writable")
 
     def set_legal_hold(self, key: str, version_id: str | None, on: bool) -> None:
-        raise StorageError("legal holds need an S3 archive with Object Lock")
+        raise Unsupported("legal holds need an S3 archive with Object Lock")
