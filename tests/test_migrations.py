@@ -124,6 +124,8 @@ def _fill_append_only_tables(conn: sa.Connection) -> None:
     tables = Base.metadata.tables
     for name, row in APPEND_ONLY_ROWS.items():
         values = {"at": utcnow(), **row} if name == "legal_hold_events" else row
+        if name == "callback_log":
+            values = {**values, "nonce": uuid.uuid4().hex}  # each logged nonce is unique
         conn.execute(tables[name].insert().values(**values))
     audit_id = conn.execute(sa.select(sa.func.max(tables["audit_events"].c.id))).scalar_one()
     conn.execute(tables["audit_recordings"].insert().values(audit_id=audit_id, recording_id="r"))
@@ -170,10 +172,17 @@ def test_append_only_tables_refuse_insert_or_replace(database_url: str, table: s
         original = conn.execute(sa.select(model_table)).mappings().one()
     # The same key (for audit_recordings the key is the whole row), other contents.
     forged = {**original, **{c: "rewritten" for c in ("path", "body", "reason") if c in original}}
+    if table == "callback_log":
+        forged["nonce"] = "another"  # the same id under another nonce
     statement = sa.insert(model_table).prefix_with("OR REPLACE").values(**forged)
 
     with pytest.raises(sa.exc.DatabaseError, match="append-only"), engine.begin() as conn:
         conn.execute(statement)
+    if table == "callback_log":
+        # The log's other unique key: a request with the nonce of a logged one, under a new id.
+        again = {**forged, "id": original["id"] + 1000, "nonce": original["nonce"]}
+        with engine.begin() as conn:
+            conn.execute(sa.insert(model_table).prefix_with("OR REPLACE").values(**again))
 
     with engine.connect() as conn:
         assert conn.execute(sa.select(model_table)).mappings().one() == original

@@ -441,7 +441,10 @@ def test_database_errors_are_logged_without_parameters_or_quoted_values(
         session = request_session()
         for _ in range(2):  # the second insert of the same key fails
             session.execute(
-                text("INSERT INTO seen_nonces (nonce, seen_at) VALUES (:n, CURRENT_TIMESTAMP)"),
+                text(
+                    "INSERT INTO staff (name, role, token_hash, created_at) "
+                    "VALUES ('boom', 'admin', :n, CURRENT_TIMESTAMP)"
+                ),
                 {"n": secret},
             )
         return "unreachable"

@@ -88,6 +88,13 @@ def _close_sqlite() -> None:
             f"WHEN EXISTS (SELECT 1 FROM {table} WHERE {match}) "
             f"BEGIN SELECT RAISE(ABORT, '{table} is append-only'); END"
         )
+    # REPLACE on the log's other unique key, its nonce, would delete the request that used it:
+    # a nonce already logged makes the insert do nothing (as ON CONFLICT DO NOTHING does).
+    op.execute(
+        "CREATE TRIGGER callback_log_nonce_once BEFORE INSERT ON callback_log "
+        "WHEN EXISTS (SELECT 1 FROM callback_log WHERE nonce = NEW.nonce) "
+        "BEGIN SELECT RAISE(IGNORE); END"
+    )
     changed = " OR ".join(f"NEW.{c} IS NOT OLD.{c}" for c in ANONYMOUS_FIXED)
     op.execute(
         "CREATE TRIGGER audit_anonymous_grow_only BEFORE UPDATE ON audit_anonymous "
@@ -135,7 +142,11 @@ def downgrade() -> None:
     else:
         for table in (*APPEND_ONLY, "audit_anonymous"):
             op.execute(f"DROP TRIGGER IF EXISTS {table}_no_replace")
-        for trigger in ("audit_anonymous_grow_only", "audit_anonymous_no_delete"):
+        for trigger in (
+            "audit_anonymous_grow_only",
+            "audit_anonymous_no_delete",
+            "callback_log_nonce_once",
+        ):
             op.execute(f"DROP TRIGGER IF EXISTS {trigger}")
     op.drop_table("audit_anonymous")
     # Not in batch mode: rebuilding the table on SQLite would drop the triggers of 0001.
