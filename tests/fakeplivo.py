@@ -11,7 +11,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any
 from urllib.parse import unquote, urlencode, urlsplit
@@ -26,6 +26,9 @@ DEFAULT_AUTH_TOKEN = "fake-auth-token"
 SIGNATURE_HEADER = "X-Plivo-Signature-V3"
 NONCE_HEADER = "X-Plivo-Signature-V3-Nonce"
 PAGE_LIMIT_MAX = 20
+# Plivo's Recording list: the last 7 days without an add_time filter, at most 30 days with one.
+DEFAULT_LIST_WINDOW = timedelta(days=7)
+MAX_LIST_WINDOW = timedelta(days=30)
 MEDIA_CHUNK_BYTES = 64 * 1024
 MEDIA_CONTENT_TYPES = {"mp3": "audio/mpeg", "wav": "audio/wav"}
 # Plivo waits 2 s to connect and 40 s to read when it delivers a callback.
@@ -198,15 +201,18 @@ class FakePlivo:
         duration_ms: int = 5000,
         scheme: str = "snake",
         conference_name: str | None = None,
+        added_at: datetime | None = None,
     ) -> dict[str, str]:
         """Finish a recording (media, durations, times); return the callback params Plivo sends.
 
         `scheme` is "snake" (the Record API's callback) or "camel" (Conference XML's callbackUrl).
-        A recording never started through the API is created, in `conference_name`.
+        A recording never started through the API is created, in `conference_name`. `added_at`
+        puts it in the past (Plivo's `add_time`, and the end of the recording).
         """
         if scheme not in ("snake", "camel"):
             raise ValueError(f"unknown callback scheme {scheme!r}: use 'snake' or 'camel'")
-        end_ms = int(time.time() * 1000)
+        added = added_at or datetime.now(UTC)
+        end_ms = int(added.timestamp() * 1000)
         start_ms = end_ms - duration_ms
         with self._lock:
             recording = self.recordings.get(recording_id)
@@ -216,7 +222,7 @@ class FakePlivo:
                 )
             recording.update(
                 state="finished",
-                add_time=_plivo_time(datetime.now(UTC)),
+                add_time=_plivo_time(added),
                 recording_duration_ms=_plivo_ms(duration_ms),
                 recording_start_ms=_plivo_ms(start_ms),
                 recording_end_ms=_plivo_ms(end_ms),
@@ -339,7 +345,7 @@ class FakePlivo:
             fault = self.api_faults.pop(0) if self.api_faults else None
         if fault == "stall":
             self._stopping.wait(self.stall_seconds)
-        elif fault is not None:
+        elif fault is not None and fault != "pass":  # "pass": this request goes through
             return _error(int(fault), f"injected fault {fault}")
         if not self._authorized(request, auth_id):
             return _error(401, "Authentication credentials invalid")
@@ -450,6 +456,13 @@ class FakePlivo:
             }
         except ValueError:
             return _error(400, "add_time filters look like 2023-11-14 22:23[:41[.123456]]")
+        now = datetime.now(UTC)
+        if not bounds:
+            bounds["add_time__gte"] = (operator.ge, now - DEFAULT_LIST_WINDOW)
+        lower = [bound for name, (_, bound) in bounds.items() if name.startswith("add_time__gt")]
+        upper = [bound for name, (_, bound) in bounds.items() if name.startswith("add_time__lt")]
+        if not lower or min(upper or [now]) - max(lower) > MAX_LIST_WINDOW:
+            return _error(400, "the add_time range must not be longer than 30 days")
         with self._lock:
             finished = [
                 recording

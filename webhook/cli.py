@@ -15,7 +15,7 @@ from sqlalchemy import select
 from tqdm import tqdm
 
 from webhook import create_app, logs, services
-from webhook.archive.reconcile import reconcile
+from webhook.archive.reconcile import reconcile, reconcile_history
 from webhook.archive.storage import ObjectLockMissing, StorageError
 from webhook.archive.worker import Worker
 from webhook.auth import add_staff, revoke_staff
@@ -129,7 +129,11 @@ def requeue_command(recording_id: str | None, failed: bool) -> None:
 
 
 @cli.command("reconcile")
-@click.option("--since", help="Only recordings Plivo added at or after this ISO-8601 time.")
+@click.option(
+    "--since",
+    help="Recordings Plivo added at or after this ISO-8601 time, however long ago (default: "
+    "Plivo's last 7 days). Resumes where an interrupted run with the same --since stopped.",
+)
 def reconcile_command(since: str | None) -> None:
     """Queue every recording Plivo has that the archive lacks (callbacks that never came)."""
     after = None
@@ -139,15 +143,26 @@ def reconcile_command(since: str | None) -> None:
         except BadParameter as exc:
             raise click.BadParameter(exc.message, param_hint="--since") from None
     with _progress(None, "recording") as bar:
+        svc = services(current_app)
+
+        def progress() -> None:
+            bar.update(1)
+
+        def warn(line: str) -> None:
+            click.echo(line, err=True)
+
         try:
-            result = reconcile(
-                services(current_app),
-                after,
-                progress=lambda: bar.update(1),
-                warn=lambda line: click.echo(line, err=True),
-            )
+            if after is None:
+                result = reconcile(svc, progress=progress, warn=warn)
+            else:
+                result = reconcile_history(svc, after, progress=progress, warn=warn)
         except PlivoError as exc:
-            raise click.ClickException(f"Plivo: {exc.message} (after {bar.n} recordings)") from None
+            raise click.ClickException(
+                f"Plivo: {exc.message} (after {bar.n} recordings; run the same command again "
+                "to resume)"
+            ) from None
+    if result.resumed_at is not None:
+        click.echo(f"reconcile: resumed at {result.resumed_at:%Y-%m-%dT%H:%M:%SZ}")
     click.echo(result.summary())
 
 
