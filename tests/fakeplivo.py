@@ -86,6 +86,12 @@ class FakePlivo:
         self.api_faults: list[int | str] = []
         self.stall_seconds = 5.0
         self.conferences: dict[str, dict[str, Any]] = {}
+        # Speak and Play requests that reached a live conference's members, and faults to answer
+        # the next ones with (status codes, in order).
+        self.notices: list[dict[str, Any]] = []
+        self.notice_faults: list[int] = []
+        self.deleted_recordings: list[str] = []
+        self.delete_faults: list[int] = []
         self._conference_uuids: dict[str, str] = {}
         self._lock = threading.RLock()
         self._stopping = threading.Event()
@@ -366,6 +372,12 @@ class FakePlivo:
                 return self._start_recording(request, name)
             case ["Conference", name, "Record"] if method == "DELETE":
                 return self._stop_recording(name)
+            case ["Conference", name, "Member", member_ids, ("Speak" | "Play") as kind] if (
+                method == "POST"
+            ):
+                return self._notice(request, name, member_ids, kind)
+            case ["Recording", recording_id] if method == "DELETE":
+                return self._delete_recording(recording_id)
             case ["Recording"] if method == "GET":
                 return self._list_recordings(request, auth_id)
             case ["Recording", recording_id] if method == "GET":
@@ -429,6 +441,57 @@ class FakePlivo:
                 "url": url,
             },
         )
+
+    def _notice(self, request: Request, name: str, member_ids: str, kind: str) -> Response:
+        body = _request_payload(request)
+        required = "text" if kind == "Speak" else "url"
+        if not body.get(required):
+            return _error(400, f"{required} is required")
+        with self._lock:
+            conference = self.conferences.get(name)
+            if conference is None:
+                return _error(404, "not found")
+            present = {member["member_id"] for member in conference["members"]}
+            wanted = present if member_ids == "all" else set(member_ids.split(","))
+            if not wanted <= present:
+                return _error(404, "member not found")
+            if self.notice_faults:
+                fault = self.notice_faults.pop(0)
+                return _error(fault, f"injected fault {fault}")
+            self.notices.append(
+                {"conference": name, "kind": kind, "member_ids": sorted(wanted), **body}
+            )
+        return _json(202, {"api_id": _api_id(), "message": f"{kind.lower()} queued"})
+
+    def _delete_recording(self, recording_id: str) -> Response:
+        with self._lock:
+            if self.delete_faults:
+                fault = self.delete_faults.pop(0)
+                return _error(fault, f"injected fault {fault}")
+            if self.recordings.pop(recording_id, None) is None:
+                return _error(404, "not found")
+            self.media.pop(recording_id, None)
+            self.deleted_recordings.append(recording_id)
+        return Response(status=204)
+
+    def add_member(self, name: str, member: dict[str, Any]) -> dict[str, Any]:
+        """A member enters a live conference; returns it as Plivo shows it."""
+        with self._lock:
+            members = self.conferences[name]["members"]
+            entered = {
+                "member_id": str(max((int(m["member_id"]) for m in members), default=0) + 1),
+                "muted": False,
+                "deaf": False,
+                "from": "",
+                "to": "",
+                "caller_name": "",
+                "direction": "inbound",
+                "call_uuid": str(uuid.uuid4()),
+                "join_time": "0",
+                **member,
+            }
+            members.append(entered)
+        return dict(entered)
 
     def _stop_recording(self, name: str) -> Response:
         with self._lock:

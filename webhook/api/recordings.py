@@ -26,6 +26,7 @@ from webhook.auth import require
 from webhook.db import request_session
 from webhook.errors import APIError, BadParameter
 from webhook.models import LegalHoldEvent, Recording, Role, Status
+from webhook.notices import notices_of
 from webhook.recordings import find, legal_hold_history, participants_of, to_json
 from webhook.search import Cursor, parse_filter, parse_limit, recordings_query
 
@@ -49,6 +50,7 @@ EXPORT_COLUMNS = (
     "legal_hold",
     "attempts",
     "last_error",
+    "plivo_deleted_at",
 )
 
 
@@ -65,9 +67,11 @@ def list_recordings() -> Response:
     page, more = rows[:limit], len(rows) > limit
     note_recordings(*(r.recording_id for r in page))
     participants = participants_of(session, [r.id for r in page])
+    notices = notices_of(session, [r.id for r in page])
     next_cursor = Cursor(page[-1].start_ms, page[-1].id).encode() if more else None
     return jsonify(
-        recordings=[to_json(r, participants[r.id]) for r in page], next_cursor=next_cursor
+        recordings=[to_json(r, participants[r.id], notices[r.id]) for r in page],
+        next_cursor=next_cursor,
     )
 
 
@@ -125,8 +129,9 @@ def _export_rows() -> Iterator[dict[str, object]]:
     while True:
         batch = list(session.scalars(recordings_query(filters, after).limit(EXPORT_BATCH)))
         participants = participants_of(session, [r.id for r in batch])
+        notices = notices_of(session, [r.id for r in batch])
         for recording in batch:
-            body = to_json(recording, participants[recording.id])
+            body = to_json(recording, participants[recording.id], notices[recording.id])
             archive = body.pop("archive") or {}
             body.update(
                 {

@@ -25,6 +25,7 @@ from webhook.archive.storage import HashingReader, Interrupted, StorageError, St
 from webhook.db import rowcount, transaction
 from webhook.errors import PlivoError
 from webhook.models import Recording, Schedule, SeenNonce, Status, utcnow
+from webhook.policy import auto_record
 from webhook.recordings import insert_ignoring_conflict
 
 if TYPE_CHECKING:
@@ -361,6 +362,21 @@ class Worker:
             return
         log.info(result.summary(), extra={"queued": result.queued, "seen": result.seen})
 
+    def auto_record(self) -> None:
+        """Start recordings of live conferences that AUTO_RECORD names and nobody records."""
+        try:
+            result = auto_record(self.services)
+        except PlivoError as exc:
+            log.warning("auto-record could not list conferences: %s", exc.message)
+            return
+        if result.started or result.failed:
+            log.info(
+                "auto-record: %d started, %d failed",
+                result.started,
+                result.failed,
+                extra={"live": result.live, "matching": result.matching},
+            )
+
     def _chores(self) -> None:
         if self._turn_is_ours("prune-nonces", PRUNE_EVERY_SECONDS):
             self.prune_nonces()
@@ -368,6 +384,13 @@ class Worker:
         plivo_configured = self.settings.plivo_auth_id and self.settings.plivo_auth_token
         if every and plivo_configured and self._turn_is_ours("reconcile", every):
             self.reconcile_recent()
+        every = self.settings.auto_record_interval_seconds
+        if (
+            self.settings.auto_record
+            and plivo_configured
+            and self._turn_is_ours("auto-record", every)
+        ):
+            self.auto_record()
 
     def run(self, once: bool = False, poll_seconds: float = 1.0) -> int:
         """Archive until stopped (with `once`: until nothing is due); answer how many jobs ran.
