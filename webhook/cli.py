@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import signal
 import sys
 import threading
@@ -16,7 +15,7 @@ from tqdm import tqdm
 
 from webhook import create_app, logs, services
 from webhook.archive.reconcile import reconcile, reconcile_history
-from webhook.archive.storage import ObjectLockMissing, StorageError
+from webhook.archive.storage import ObjectLockMissing, StorageError, check_object
 from webhook.archive.worker import Worker
 from webhook.auth import add_staff, revoke_staff
 from webhook.db import transaction, upgrade
@@ -185,24 +184,17 @@ def verify() -> None:
     bad = 0
     with _progress(len(rows), "object") as bar:
         for recording_id, key, version_id, size, sha256 in rows:
-            digest = hashlib.sha256()
-            seen = 0
             try:
-                for chunk in svc.storage.read(str(key), version_id):
-                    digest.update(chunk)
-                    seen += len(chunk)
+                problem = check_object(svc.storage, str(key), version_id, size, sha256)
             except StorageError as exc:
                 bad += 1
                 tqdm.write(f"MISSING {recording_id} {key}: {exc}")
                 continue
             finally:
                 bar.update(1)
-            if seen != size or digest.hexdigest() != sha256:
+            if problem is not None:
                 bad += 1
-                tqdm.write(
-                    f"MISMATCH {recording_id} {key}: expected {size} bytes sha256 {sha256}, "
-                    f"found {seen} bytes sha256 {digest.hexdigest()}"
-                )
+                tqdm.write(f"MISMATCH {recording_id} {key}: {problem}")
     click.echo(f"verify: {len(rows)} object(s) checked, {bad} mismatch(es)")
     if bad:
         sys.exit(1)

@@ -20,6 +20,7 @@ from flask import (
 from flask.typing import ResponseReturnValue
 
 from webhook import services
+from webhook.archive.deletion import deletion_history
 from webhook.archive.storage import StorageError
 from webhook.audit import note_recordings
 from webhook.auth import require
@@ -86,9 +87,10 @@ def _get(recording_id: str) -> Recording:
 @bp.get("/recordings/<recording_id>")
 @require(Role.COMPLIANCE)
 def get_recording(recording_id: str) -> Response:
-    """One recording: metadata, participants, archive, and its legal hold history."""
+    """One recording: metadata, participants, archive, legal hold and Plivo deletion history."""
     body = to_json(_get(recording_id))
     body["legal_hold_history"] = legal_hold_history(request_session(), recording_id)
+    body["plivo_deletions"] = deletion_history(request_session(), recording_id)
     return jsonify(body)
 
 

@@ -19,6 +19,7 @@ import urllib3.exceptions
 from sqlalchemy import delete, select, update
 from sqlalchemy.exc import DBAPIError
 
+from webhook.archive.deletion import DELETE_EVERY_SECONDS, delete_from_plivo
 from webhook.archive.media import MediaError, RefusedURL, open_media
 from webhook.archive.reconcile import reconcile
 from webhook.archive.storage import HashingReader, Interrupted, StorageError, StoredObject
@@ -377,6 +378,19 @@ class Worker:
                 extra={"live": result.live, "matching": result.matching},
             )
 
+    def delete_from_plivo(self) -> None:
+        """Delete from Plivo what the archive is proven to hold, once DELETE_FROM_PLIVO_AFTER_DAYS
+        have passed."""
+        result = delete_from_plivo(self.services)
+        if result.deleted or result.failed or result.refused or result.mismatched:
+            log.info(
+                "delete from Plivo: %d deleted, %d failed, %d refused, %d mismatched",
+                result.deleted,
+                result.failed,
+                result.refused,
+                result.mismatched,
+            )
+
     def _chores(self) -> None:
         if self._turn_is_ours("prune-nonces", PRUNE_EVERY_SECONDS):
             self.prune_nonces()
@@ -391,6 +405,9 @@ class Worker:
             and self._turn_is_ours("auto-record", every)
         ):
             self.auto_record()
+        deleting = self.settings.delete_from_plivo_after_days is not None and plivo_configured
+        if deleting and self._turn_is_ours("delete-from-plivo", DELETE_EVERY_SECONDS):
+            self.delete_from_plivo()
 
     def run(self, once: bool = False, poll_seconds: float = 1.0) -> int:
         """Archive until stopped (with `once`: until nothing is due); answer how many jobs ran.
