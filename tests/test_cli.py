@@ -448,7 +448,7 @@ def list_calls(plivo: FakePlivo) -> list[dict]:
 def test_fake_plivo_lists_only_windows_plivo_accepts(plivo) -> None:
     now = dt.datetime.now(dt.UTC)
     plivo.finish_recording("old", b"old", added_at=now - dt.timedelta(days=10))
-    plivo.finish_recording("new", b"new", added_at=now - dt.timedelta(days=1))
+    plivo.finish_recording("new", b"new", added_at=now - dt.timedelta(days=2))
     url = f"{plivo.url}/v1/Account/{plivo.auth_id}/Recording/"
     auth = (plivo.auth_id, plivo.auth_token)
 

@@ -381,7 +381,12 @@ class Worker:
     def delete_from_plivo(self) -> None:
         """Delete from Plivo what the archive is proven to hold, once DELETE_FROM_PLIVO_AFTER_DAYS
         have passed."""
-        result = delete_from_plivo(self.services)
+        try:
+            result = delete_from_plivo(self.services)
+        except RETRYABLE as exc:
+            # The archive or the network failed mid-pass: what is left is taken up next turn.
+            log.warning("delete from Plivo interrupted: %s: %s", type(exc).__name__, exc)
+            return
         if result.deleted or result.failed or result.refused or result.mismatched:
             log.info(
                 "delete from Plivo: %d deleted, %d failed, %d refused, %d mismatched",
