@@ -363,39 +363,6 @@ class Worker:
             return
         log.info(result.summary(), extra={"queued": result.queued, "seen": result.seen})
 
-    def auto_record(self) -> None:
-        """Start recordings of live conferences that AUTO_RECORD names and nobody records."""
-        try:
-            result = auto_record(self.services)
-        except PlivoError as exc:
-            log.warning("auto-record could not list conferences: %s", exc.message)
-            return
-        if result.started or result.failed:
-            log.info(
-                "auto-record: %d started, %d failed",
-                result.started,
-                result.failed,
-                extra={"live": result.live, "matching": result.matching},
-            )
-
-    def delete_from_plivo(self) -> None:
-        """Delete from Plivo what the archive is proven to hold, once DELETE_FROM_PLIVO_AFTER_DAYS
-        have passed."""
-        try:
-            result = delete_from_plivo(self.services)
-        except RETRYABLE as exc:
-            # The archive or the network failed mid-pass: what is left is taken up next turn.
-            log.warning("delete from Plivo interrupted: %s: %s", type(exc).__name__, exc)
-            return
-        if result.deleted or result.failed or result.refused or result.mismatched:
-            log.info(
-                "delete from Plivo: %d deleted, %d failed, %d refused, %d mismatched",
-                result.deleted,
-                result.failed,
-                result.refused,
-                result.mismatched,
-            )
-
     def _chores(self) -> None:
         if self._turn_is_ours("prune-nonces", PRUNE_EVERY_SECONDS):
             self.prune_nonces()
@@ -451,3 +418,38 @@ class Worker:
                 )
             done += 1
         return done
+
+    # --- policy chores ----------------------------------------------------------------------
+
+    def auto_record(self) -> None:
+        """Start recordings of live conferences that AUTO_RECORD names and nobody records."""
+        try:
+            result = auto_record(self.services)
+        except PlivoError as exc:
+            log.warning("auto-record could not list conferences: %s", exc.message)
+            return
+        if result.started or result.failed:
+            log.info(
+                "auto-record: %d started, %d failed",
+                result.started,
+                result.failed,
+                extra={"live": result.live, "matching": result.matching},
+            )
+
+    def delete_from_plivo(self) -> None:
+        """Delete from Plivo what the archive is proven to hold, once DELETE_FROM_PLIVO_AFTER_DAYS
+        have passed."""
+        try:
+            result = delete_from_plivo(self.services)
+        except RETRYABLE as exc:
+            # The archive or the network failed mid-pass: what is left is taken up next turn.
+            log.warning("delete from Plivo interrupted: %s: %s", type(exc).__name__, exc)
+            return
+        if result.deleted or result.failed or result.refused or result.mismatched:
+            log.info(
+                "delete from Plivo: %d deleted, %d failed, %d refused, %d mismatched",
+                result.deleted,
+                result.failed,
+                result.refused,
+                result.mismatched,
+            )
