@@ -19,6 +19,7 @@ import urllib3.exceptions
 from sqlalchemy import delete, select, update
 from sqlalchemy.exc import DBAPIError
 
+from webhook import policy
 from webhook.archive.deletion import DELETE_EVERY_SECONDS, delete_from_plivo
 from webhook.archive.media import MediaError, RefusedURL, open_media
 from webhook.archive.reconcile import reconcile
@@ -26,7 +27,6 @@ from webhook.archive.storage import HashingReader, Interrupted, StorageError, St
 from webhook.db import rowcount, transaction
 from webhook.errors import PlivoError
 from webhook.models import Recording, Schedule, SeenNonce, Status, utcnow
-from webhook.policy import auto_record
 from webhook.recordings import insert_ignoring_conflict
 
 if TYPE_CHECKING:
@@ -424,7 +424,7 @@ class Worker:
     def auto_record(self) -> None:
         """Start recordings of live conferences that AUTO_RECORD names and nobody records."""
         try:
-            result = auto_record(self.services)
+            result = policy.auto_record(self.services)
         except PlivoError as exc:
             log.warning("auto-record could not list conferences: %s", exc.message)
             return
