@@ -11,7 +11,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any
 from urllib.parse import unquote, urlencode, urlsplit
@@ -26,6 +26,9 @@ DEFAULT_AUTH_TOKEN = "fake-auth-token"
 SIGNATURE_HEADER = "X-Plivo-Signature-V3"
 NONCE_HEADER = "X-Plivo-Signature-V3-Nonce"
 PAGE_LIMIT_MAX = 20
+# Plivo's Recording list: the last 7 days without an add_time filter, at most 30 days with one.
+DEFAULT_LIST_WINDOW = timedelta(days=7)
+MAX_LIST_WINDOW = timedelta(days=30)
 MEDIA_CHUNK_BYTES = 64 * 1024
 MEDIA_CONTENT_TYPES = {"mp3": "audio/mpeg", "wav": "audio/wav"}
 # Plivo waits 2 s to connect and 40 s to read when it delivers a callback.
@@ -84,6 +87,12 @@ class FakePlivo:
         self.api_fault_body: dict[str, Any] | None = None  # the JSON an injected fault answers
         self.stall_seconds = 5.0
         self.conferences: dict[str, dict[str, Any]] = {}
+        # Speak and Play requests that reached a live conference's members, and faults to answer
+        # the next ones with (status codes, in order).
+        self.notices: list[dict[str, Any]] = []
+        self.notice_faults: list[int] = []
+        self.deleted_recordings: list[str] = []
+        self.delete_faults: list[int] = []
         self._conference_uuids: dict[str, str] = {}
         self._lock = threading.RLock()
         self._stopping = threading.Event()
@@ -199,15 +208,18 @@ class FakePlivo:
         duration_ms: int = 5000,
         scheme: str = "snake",
         conference_name: str | None = None,
+        added_at: datetime | None = None,
     ) -> dict[str, str]:
         """Finish a recording (media, durations, times); return the callback params Plivo sends.
 
         `scheme` is "snake" (the Record API's callback) or "camel" (Conference XML's callbackUrl).
-        A recording never started through the API is created, in `conference_name`.
+        A recording never started through the API is created, in `conference_name`. `added_at`
+        puts it in the past (Plivo's `add_time`, and the end of the recording).
         """
         if scheme not in ("snake", "camel"):
             raise ValueError(f"unknown callback scheme {scheme!r}: use 'snake' or 'camel'")
-        end_ms = int(time.time() * 1000)
+        added = added_at or datetime.now(UTC)
+        end_ms = int(added.timestamp() * 1000)
         start_ms = end_ms - duration_ms
         with self._lock:
             recording = self.recordings.get(recording_id)
@@ -217,7 +229,7 @@ class FakePlivo:
                 )
             recording.update(
                 state="finished",
-                add_time=_plivo_time(datetime.now(UTC)),
+                add_time=_plivo_time(added),
                 recording_duration_ms=_plivo_ms(duration_ms),
                 recording_start_ms=_plivo_ms(start_ms),
                 recording_end_ms=_plivo_ms(end_ms),
@@ -340,9 +352,9 @@ class FakePlivo:
             fault = self.api_faults.pop(0) if self.api_faults else None
         if fault == "stall":
             self._stopping.wait(self.stall_seconds)
-        elif fault is not None and self.api_fault_body is not None:
+        elif fault is not None and fault != "pass" and self.api_fault_body is not None:
             return _json(int(fault), self.api_fault_body)
-        elif fault is not None:
+        elif fault is not None and fault != "pass":  # "pass": this request goes through
             return _error(int(fault), f"injected fault {fault}")
         if not self._authorized(request, auth_id):
             return _error(401, "Authentication credentials invalid")
@@ -363,6 +375,12 @@ class FakePlivo:
                 return self._start_recording(request, name)
             case ["Conference", name, "Record"] if method == "DELETE":
                 return self._stop_recording(name)
+            case ["Conference", name, "Member", member_ids, ("Speak" | "Play") as kind] if (
+                method == "POST"
+            ):
+                return self._notice(request, name, member_ids, kind)
+            case ["Recording", recording_id] if method == "DELETE":
+                return self._delete_recording(recording_id)
             case ["Recording"] if method == "GET":
                 return self._list_recordings(request, auth_id)
             case ["Recording", recording_id] if method == "GET":
@@ -427,6 +445,57 @@ class FakePlivo:
             },
         )
 
+    def _notice(self, request: Request, name: str, member_ids: str, kind: str) -> Response:
+        body = _request_payload(request)
+        required = "text" if kind == "Speak" else "url"
+        if not body.get(required):
+            return _error(400, f"{required} is required")
+        with self._lock:
+            conference = self.conferences.get(name)
+            if conference is None:
+                return _error(404, "not found")
+            present = {member["member_id"] for member in conference["members"]}
+            wanted = present if member_ids == "all" else set(member_ids.split(","))
+            if not wanted <= present:
+                return _error(404, "member not found")
+            if self.notice_faults:
+                fault = self.notice_faults.pop(0)
+                return _error(fault, f"injected fault {fault}")
+            self.notices.append(
+                {"conference": name, "kind": kind, "member_ids": sorted(wanted), **body}
+            )
+        return _json(202, {"api_id": _api_id(), "message": f"{kind.lower()} queued"})
+
+    def _delete_recording(self, recording_id: str) -> Response:
+        with self._lock:
+            if self.delete_faults:
+                fault = self.delete_faults.pop(0)
+                return _error(fault, f"injected fault {fault}")
+            if self.recordings.pop(recording_id, None) is None:
+                return _error(404, "not found")
+            self.media.pop(recording_id, None)
+            self.deleted_recordings.append(recording_id)
+        return Response(status=204)
+
+    def add_member(self, name: str, member: dict[str, Any]) -> dict[str, Any]:
+        """A member enters a live conference; returns it as Plivo shows it."""
+        with self._lock:
+            members = self.conferences[name]["members"]
+            entered = {
+                "member_id": str(max((int(m["member_id"]) for m in members), default=0) + 1),
+                "muted": False,
+                "deaf": False,
+                "from": "",
+                "to": "",
+                "caller_name": "",
+                "direction": "inbound",
+                "call_uuid": str(uuid.uuid4()),
+                "join_time": "0",
+                **member,
+            }
+            members.append(entered)
+        return dict(entered)
+
     def _stop_recording(self, name: str) -> Response:
         with self._lock:
             if name not in self.conferences:
@@ -453,6 +522,13 @@ class FakePlivo:
             }
         except ValueError:
             return _error(400, "add_time filters look like 2023-11-14 22:23[:41[.123456]]")
+        now = datetime.now(UTC)
+        if not bounds:
+            bounds["add_time__gte"] = (operator.ge, now - DEFAULT_LIST_WINDOW)
+        lower = [bound for name, (_, bound) in bounds.items() if name.startswith("add_time__gt")]
+        upper = [bound for name, (_, bound) in bounds.items() if name.startswith("add_time__lt")]
+        if not lower or min(upper or [now]) - max(lower) > MAX_LIST_WINDOW:
+            return _error(400, "the add_time range must not be longer than 30 days")
         with self._lock:
             finished = [
                 recording

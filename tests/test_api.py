@@ -276,7 +276,8 @@ def test_start_recording_answers_201_with_recording_id_and_participants(
     assert body["started_by"] == "olivia"
     assert body["archive"] is None
     assert body["participants"] == [
-        {name: m[name] for name in (*PARTICIPANT_FIELDS, "join_time")} for m in members
+        {**{name: m[name] for name in (*PARTICIPANT_FIELDS, "join_time")}, "notified_at": None}
+        for m in members
     ]
     assert body["participants"][0] == {
         "member_id": "17",
@@ -286,6 +287,7 @@ def test_start_recording_answers_201_with_recording_id_and_participants(
         "direction": "inbound",
         "call_uuid": "acfbf0b5-12a4-4a3c-8d5e-000000000017",
         "join_time": "590",
+        "notified_at": None,  # no recording notice is set
     }
     with services(app).sessions() as session:
         recording = session.scalars(select(Recording)).one()
@@ -652,7 +654,8 @@ def test_pending_recording_shows_participants_and_no_archive(app, client, compli
     assert body["attempts"] == 0
     assert [p["from"] for p in body["participants"]] == ["14155550101", "sip:bob@example.com"]
     assert body["participants"][1] == {
-        name: MEMBERS[1][name] for name in (*PARTICIPANT_FIELDS, "join_time")
+        **{name: MEMBERS[1][name] for name in (*PARTICIPANT_FIELDS, "join_time")},
+        "notified_at": None,
     }
 
 

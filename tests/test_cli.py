@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import itertools
 import logging
 import os
 import signal
@@ -11,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import requests
 import sqlalchemy as sa
 from click.testing import Result
 from flask import Flask
@@ -432,6 +434,114 @@ def test_reconcile_reports_plivo_failure(app, runner, plivo) -> None:
     assert result.exit_code == 1
     assert "Plivo" in result.output
     assert recording_count(app) == 0
+
+
+def list_calls(plivo: FakePlivo) -> list[dict]:
+    """The query of every Recording list request the service made, in order."""
+    return [
+        payload
+        for method, path, payload in plivo.calls
+        if method == "GET" and path.endswith("/Recording/")
+    ]
+
+
+def test_fake_plivo_lists_only_windows_plivo_accepts(plivo) -> None:
+    now = dt.datetime.now(dt.UTC)
+    plivo.finish_recording("old", b"old", added_at=now - dt.timedelta(days=10))
+    plivo.finish_recording("new", b"new", added_at=now - dt.timedelta(days=2))
+    url = f"{plivo.url}/v1/Account/{plivo.auth_id}/Recording/"
+    auth = (plivo.auth_id, plivo.auth_token)
+
+    def listing(**params: str) -> requests.Response:
+        return requests.get(url, params=params, auth=auth, timeout=10)
+
+    default = listing()
+    assert default.status_code == 200
+    assert [r["recording_id"] for r in default.json()["objects"]] == ["new"]
+    day = "%Y-%m-%d %H:%M:%S"
+    start = now - dt.timedelta(days=31)
+    too_long = listing(add_time__gte=start.strftime(day))
+    assert too_long.status_code == 400
+    ranged = listing(
+        add_time__gte=start.strftime(day),
+        add_time__lt=(start + dt.timedelta(days=30)).strftime(day),
+    )
+    assert ranged.status_code == 200
+    assert [r["recording_id"] for r in ranged.json()["objects"]] == ["new", "old"]
+
+
+def test_reconcile_since_pages_through_windows_and_recovers_old_and_recent_losses(
+    app, runner, plivo
+) -> None:
+    now = dt.datetime.now(dt.UTC)
+    plivo.finish_recording("sixty-days", b"60", added_at=now - dt.timedelta(days=60))
+    plivo.finish_recording("yesterday", b"1", added_at=now - dt.timedelta(days=1))
+    plivo.finish_recording("too-old", b"80", added_at=now - dt.timedelta(days=80))
+
+    default = invoke(runner, "reconcile")
+    assert default.exit_code == 0, default.output
+    assert "1 recording(s) on Plivo, 1 queued" in last_line(default)
+    assert recording_count(app) == 1  # Plivo's default list is its last 7 days only
+
+    since = (now - dt.timedelta(days=75)).strftime("%Y-%m-%dT%H:%M:%S")
+    result = invoke(runner, "reconcile", "--since", since)
+
+    assert result.exit_code == 0, result.output
+    assert last_line(result) == (
+        "reconcile: 2 recording(s) on Plivo, 1 queued, 1 already known, 0 skipped"
+    )
+    assert row(app, "sixty-days").status == Status.PENDING
+    assert row(app, "yesterday").status == Status.PENDING
+    assert recording_count(app) == 2
+    windows = [
+        (
+            dt.datetime.fromisoformat(q["add_time__gte"]).replace(tzinfo=dt.UTC),
+            dt.datetime.fromisoformat(q["add_time__lt"]).replace(tzinfo=dt.UTC),
+        )
+        for q in list_calls(plivo)[1:]
+    ]
+    assert len(windows) == 3
+    assert windows[0][0] == dt.datetime.fromisoformat(since).replace(tzinfo=dt.UTC)
+    for (_, end), (next_start, _) in itertools.pairwise(windows):
+        assert end == next_start  # oldest first, no gap
+    assert all(end - start <= dt.timedelta(days=30) for start, end in windows)
+    assert windows[-1][1] >= now
+
+
+def test_reconcile_since_interrupted_resumes_where_it_stopped(app, runner, plivo) -> None:
+    now = dt.datetime.now(dt.UTC)
+    plivo.finish_recording("sixty-days", b"60", added_at=now - dt.timedelta(days=60))
+    plivo.finish_recording("yesterday", b"1", added_at=now - dt.timedelta(days=1))
+    since = (now - dt.timedelta(days=75)).strftime("%Y-%m-%dT%H:%M:%S")
+    plivo.api_faults.extend(["pass", 400])  # the second window fails
+
+    broken = invoke(runner, "reconcile", "--since", since)
+
+    assert broken.exit_code == 1
+    assert "run the same command again to resume" in broken.output
+    assert row(app, "sixty-days").status == Status.PENDING
+    assert recording_count(app) == 1
+    first_window_end = list_calls(plivo)[0]["add_time__lt"]
+    plivo.calls.clear()
+
+    again = invoke(runner, "reconcile", "--since", since)
+
+    assert again.exit_code == 0, again.output
+    assert "reconcile: 1 recording(s) on Plivo, 1 queued, 0 already known, 0 skipped" in (
+        again.output
+    )
+    assert "resumed at" in again.output
+    calls = list_calls(plivo)
+    assert calls[0]["add_time__gte"] == first_window_end  # not the first window again
+    assert len(calls) == 2
+    assert recording_count(app) == 2
+
+    # Once finished, the same command is a fresh run over all of it.
+    plivo.calls.clear()
+    fresh = invoke(runner, "reconcile", "--since", since)
+    assert fresh.exit_code == 0, fresh.output
+    assert "2 recording(s) on Plivo, 0 queued, 2 already known" in last_line(fresh)
+    assert len(list_calls(plivo)) == 3
 
 
 # --- verify -------------------------------------------------------------------------------------

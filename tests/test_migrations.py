@@ -85,15 +85,39 @@ def test_models_match_the_migrated_schema(database_url: str) -> None:
                 "duplicate": False,
             },
         ),
+        (
+            "plivo_deletions",
+            {"recording_id": "r", "at": utcnow(), "outcome": "deleted"},
+        ),
+        (
+            "recording_notices",
+            {"recording_pk": None, "member_id": "1", "at": utcnow(), "outcome": "played"},
+        ),
     ],
 )
 def test_logs_are_append_only_in_the_database(database_url: str, table: str, row: dict) -> None:
     engine = sa.create_engine(database_url)
     model_table = Base.metadata.tables[table]
     with engine.begin() as conn:
+        if "recording_pk" in row:
+            recordings = Base.metadata.tables["recordings"]
+            row["recording_pk"] = conn.execute(
+                recordings.insert()
+                .values(
+                    recording_id="r",
+                    start_ms=0,
+                    status="recording",
+                    attempts=0,
+                    legal_hold=False,
+                    created_at=utcnow(),
+                    updated_at=utcnow(),
+                )
+                .returning(recordings.c.id)
+            ).scalar_one()
         conn.execute(model_table.insert().values(**row))
+    changed_column = next(c for c in ("method", "outcome") if c in model_table.c)
     for statement in (
-        model_table.update().values(method="PUT"),
+        model_table.update().values({changed_column: "PUT"}),
         model_table.delete(),
     ):
         with pytest.raises(sa.exc.DatabaseError, match="append-only"), engine.begin() as conn:

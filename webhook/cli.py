@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import signal
 import sys
 import threading
@@ -15,8 +14,8 @@ from sqlalchemy import select
 from tqdm import tqdm
 
 from webhook import create_app, logs, services
-from webhook.archive.reconcile import reconcile
-from webhook.archive.storage import ObjectLockMissing, StorageError
+from webhook.archive.reconcile import reconcile, reconcile_history
+from webhook.archive.storage import ObjectLockMissing, StorageError, check_object
 from webhook.archive.worker import Worker
 from webhook.auth import add_staff, revoke_staff
 from webhook.db import transaction, upgrade
@@ -129,7 +128,11 @@ def requeue_command(recording_id: str | None, failed: bool) -> None:
 
 
 @cli.command("reconcile")
-@click.option("--since", help="Only recordings Plivo added at or after this ISO-8601 time.")
+@click.option(
+    "--since",
+    help="Recordings Plivo added at or after this ISO-8601 time, however long ago (default: "
+    "Plivo's last 7 days). Resumes where an interrupted run with the same --since stopped.",
+)
 def reconcile_command(since: str | None) -> None:
     """Queue every recording Plivo has that the archive lacks (callbacks that never came)."""
     after = None
@@ -139,15 +142,26 @@ def reconcile_command(since: str | None) -> None:
         except BadParameter as exc:
             raise click.BadParameter(exc.message, param_hint="--since") from None
     with _progress(None, "recording") as bar:
+        svc = services(current_app)
+
+        def progress() -> None:
+            bar.update(1)
+
+        def warn(line: str) -> None:
+            click.echo(line, err=True)
+
         try:
-            result = reconcile(
-                services(current_app),
-                after,
-                progress=lambda: bar.update(1),
-                warn=lambda line: click.echo(line, err=True),
-            )
+            if after is None:
+                result = reconcile(svc, progress=progress, warn=warn)
+            else:
+                result = reconcile_history(svc, after, progress=progress, warn=warn)
         except PlivoError as exc:
-            raise click.ClickException(f"Plivo: {exc.message} (after {bar.n} recordings)") from None
+            raise click.ClickException(
+                f"Plivo: {exc.message} (after {bar.n} recordings; run the same command again "
+                "to resume)"
+            ) from None
+    if result.resumed_at is not None:
+        click.echo(f"reconcile: resumed at {result.resumed_at:%Y-%m-%dT%H:%M:%SZ}")
     click.echo(result.summary())
 
 
@@ -170,24 +184,17 @@ def verify() -> None:
     bad = 0
     with _progress(len(rows), "object") as bar:
         for recording_id, key, version_id, size, sha256 in rows:
-            digest = hashlib.sha256()
-            seen = 0
             try:
-                for chunk in svc.storage.read(str(key), version_id):
-                    digest.update(chunk)
-                    seen += len(chunk)
+                problem = check_object(svc.storage, str(key), version_id, size, sha256)
             except StorageError as exc:
                 bad += 1
                 tqdm.write(f"MISSING {recording_id} {key}: {exc}")
                 continue
             finally:
                 bar.update(1)
-            if seen != size or digest.hexdigest() != sha256:
+            if problem is not None:
                 bad += 1
-                tqdm.write(
-                    f"MISMATCH {recording_id} {key}: expected {size} bytes sha256 {sha256}, "
-                    f"found {seen} bytes sha256 {digest.hexdigest()}"
-                )
+                tqdm.write(f"MISMATCH {recording_id} {key}: {problem}")
     click.echo(f"verify: {len(rows)} object(s) checked, {bad} mismatch(es)")
     if bad:
         sys.exit(1)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -75,6 +77,13 @@ class Settings:
     presign_seconds: int
     console_idle_minutes: float
     trusted_proxy_hops: int
+    auto_record: tuple[str, ...] = ()
+    auto_record_interval_seconds: int = 30
+    recording_notice_text: str | None = None
+    recording_notice_url: str | None = None
+    recording_notice_voice: str = "WOMAN"
+    recording_notice_language: str = "en-US"
+    delete_from_plivo_after_days: float | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], instance_path: str) -> Settings:
@@ -112,6 +121,7 @@ class Settings:
             presign_seconds=min(_int(env, "PRESIGN_SECONDS", 60, minimum=1) or 60, 300),
             console_idle_minutes=_console_idle_minutes(env),
             trusted_proxy_hops=_trusted_proxy_hops(env),
+            **_policy(env, public_url),
         )
 
     def replace(self, **changes: Any) -> Settings:
@@ -133,6 +143,59 @@ def _trusted_proxy_hops(env: Mapping[str, str]) -> int:
     if hops > MAX_PROXY_HOPS:
         raise ConfigError(f"TRUSTED_PROXY_HOPS must be at most {MAX_PROXY_HOPS}, got {hops}")
     return hops
+
+
+NOTICE_VOICES = ("WOMAN", "MAN")
+LANGUAGE = re.compile(r"^[a-z]{2,3}(-[A-Za-z0-9]{2,8})*$")
+MAX_NOTICE_CHARACTERS = 3000
+
+
+def _days(env: Mapping[str, str], name: str) -> float | None:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number of days, got {raw!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise ConfigError(f"{name} must be a number of days, 0 or more, got {raw!r}")
+    return value
+
+
+def _policy(env: Mapping[str, str], public_url: str | None) -> dict[str, Any]:
+    """The recording policy settings: auto-record, the recording notice, deletion from Plivo."""
+    patterns = tuple(p.strip() for p in env.get("AUTO_RECORD", "").split(",") if p.strip())
+    if patterns and not public_url:
+        raise ConfigError("AUTO_RECORD needs PUBLIC_URL, so Plivo can call back when it ends")
+    text = env.get("RECORDING_NOTICE_TEXT", "").strip() or None
+    url = env.get("RECORDING_NOTICE_URL", "").strip() or None
+    if text and url:
+        raise ConfigError("set RECORDING_NOTICE_TEXT or RECORDING_NOTICE_URL, not both")
+    if text is not None and (len(text) > MAX_NOTICE_CHARACTERS or not text.isprintable()):
+        raise ConfigError(
+            f"RECORDING_NOTICE_TEXT must be at most {MAX_NOTICE_CHARACTERS} printable characters"
+        )
+    if url is not None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError("RECORDING_NOTICE_URL must be an http(s) URL of an mp3 or wav file")
+    voice = env.get("RECORDING_NOTICE_VOICE", "").strip().upper() or "WOMAN"
+    if voice not in NOTICE_VOICES:
+        raise ConfigError(f"RECORDING_NOTICE_VOICE must be one of {', '.join(NOTICE_VOICES)}")
+    language = env.get("RECORDING_NOTICE_LANGUAGE", "").strip() or "en-US"
+    if not LANGUAGE.match(language):
+        raise ConfigError(f"RECORDING_NOTICE_LANGUAGE must look like en-US, got {language!r}")
+    return {
+        "auto_record": patterns,
+        "auto_record_interval_seconds": _int(env, "AUTO_RECORD_INTERVAL_SECONDS", 30, minimum=1)
+        or 30,
+        "recording_notice_text": text,
+        "recording_notice_url": url,
+        "recording_notice_voice": voice,
+        "recording_notice_language": language,
+        "delete_from_plivo_after_days": _days(env, "DELETE_FROM_PLIVO_AFTER_DAYS"),
+    }
 
 
 def load(instance_path: str, env: Mapping[str, str] | None = None) -> Settings:

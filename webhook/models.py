@@ -108,6 +108,10 @@ class Recording(Base):
     started_by: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+    # When the recording was deleted from Plivo after its archived copy was re-read and matched.
+    plivo_deleted_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    # Set when a re-read of the archived object did not match its SHA-256: never deleted then.
+    archive_mismatch: Mapped[str | None] = mapped_column(Text)
 
     participants: Mapped[list[Participant]] = relationship(
         back_populates="recording", order_by="Participant.id", cascade="all, delete-orphan"
@@ -136,6 +140,13 @@ class Recording(Base):
             "next_attempt_at",
             postgresql_where=text("status IN ('pending', 'archiving')"),
             sqlite_where=text("status IN ('pending', 'archiving')"),
+        ),
+        # Recordings that may one day be deleted from Plivo, by when they ended.
+        Index(
+            "ix_recordings_plivo_delete_due",
+            "end_ms",
+            postgresql_where=text("status = 'archived' AND plivo_deleted_at IS NULL"),
+            sqlite_where=text("status = 'archived' AND plivo_deleted_at IS NULL"),
         ),
     )
 
@@ -304,3 +315,59 @@ class AuditAnonymous(Base):
     __table_args__ = (
         UniqueConstraint("window_start", "remote_addr", "status", name="uq_audit_anonymous_window"),
     )
+
+
+class ReconcileRun(Base):
+    """How far a `reconcile --since` has got through Plivo's list windows, so a run resumes."""
+
+    __tablename__ = "reconcile_runs"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    since: Mapped[dt.datetime] = mapped_column(UTCDateTime, unique=True)
+    done_until: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class ConferenceClaim(Base):
+    """Who is recording a live conference: one row per conference, so one recording is started.
+
+    Taken before Plivo is asked to record, by the API and by auto-record alike; released when the
+    recording ends, when the start fails, or found stale when the conference has run since.
+    """
+
+    __tablename__ = "conference_claims"
+
+    conference_name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    token: Mapped[str] = mapped_column(String(36))
+    claimed_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    claimed_by: Mapped[str] = mapped_column(String(64))
+    recording_id: Mapped[str | None] = mapped_column(String(64), index=True)
+
+
+class RecordingNotice(Base):
+    """Each recording notice played (or failed) to a conference member (append-only)."""
+
+    __tablename__ = "recording_notices"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    recording_pk: Mapped[int] = mapped_column(ForeignKey("recordings.id", ondelete="RESTRICT"))
+    member_id: Mapped[str] = mapped_column(String(64))
+    call_uuid: Mapped[str | None] = mapped_column(String(64))
+    at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    outcome: Mapped[str] = mapped_column(String(16))
+    error: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (Index("ix_recording_notices_recording_pk", "recording_pk", "member_id"),)
+
+
+class PlivoDeletion(Base):
+    """Each attempt to delete a recording from Plivo, and each refusal to (append-only)."""
+
+    __tablename__ = "plivo_deletions"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    recording_id: Mapped[str] = mapped_column(String(64), index=True)
+    at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    outcome: Mapped[str] = mapped_column(String(16))
+    error: Mapped[str | None] = mapped_column(Text)

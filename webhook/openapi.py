@@ -87,6 +87,12 @@ FILTER_PARAMS = [
         "Object Lock retain-until before (ISO-8601; UTC if no zone)",
         TEXT,
     ),
+    _query(
+        "notified",
+        "false: some participant was not told of the recording (no recording notice reached "
+        "them); true: every participant was",
+        {"type": "string", "enum": ["true", "false"]},
+    ),
 ]
 PAGE_PARAMS = [
     _query(
@@ -118,7 +124,19 @@ SCHEMAS: dict[str, Any] = {
                 "direction",
                 "call_uuid",
                 "join_time",
+                "notified_at",
             )
+        },
+    },
+    "Notice": {
+        "type": "object",
+        "description": "A recording notice spoken or played to a member (RECORDING_NOTICE_*)",
+        "properties": {
+            "member_id": STRING,
+            "call_uuid": NULLABLE_STRING,
+            "at": {"type": "string", "format": "date-time"},
+            "outcome": {"type": "string", "enum": ["played", "failed"]},
+            "error": NULLABLE_STRING,
         },
     },
     "Archive": {
@@ -169,6 +187,32 @@ SCHEMAS: dict[str, Any] = {
             },
             "created_at": NULLABLE_STRING,
             "updated_at": NULLABLE_STRING,
+            "notices": {"type": "array", "items": _ref("Notice")},
+            "plivo_deleted_at": {
+                "type": ["string", "null"],
+                "description": "When it was deleted from Plivo (DELETE_FROM_PLIVO_AFTER_DAYS)",
+            },
+            "archive_mismatch": {
+                "type": ["string", "null"],
+                "description": "Why the archived object did not match its SHA-256 when re-read "
+                "before deletion from Plivo (it is then never deleted)",
+            },
+            "plivo_deletions": {
+                "type": "array",
+                "description": "Only in GET /api/recordings/{recording_id}: each deletion from "
+                "Plivo done, failed, refused for now, or refused for a mismatch",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "at": STRING,
+                        "outcome": {
+                            "type": "string",
+                            "enum": ["deleted", "failed", "refused", "mismatch"],
+                        },
+                        "error": NULLABLE_STRING,
+                    },
+                },
+            },
         },
     },
     "RecordingPage": {
@@ -331,6 +375,7 @@ def openapi_document() -> dict[str, Any]:
                         "201": _json("Recording started", _ref("Recording")),
                         "400": _error("Bad file_format or Plivo rejected the request"),
                         "404": _error("The conference is not running"),
+                        "409": _error("The conference is being recorded already"),
                         "502": _error("Plivo failed or refused the credentials"),
                         "504": _error("Plivo did not answer in time"),
                         **STAFF_ERRORS,

@@ -117,6 +117,29 @@ class PlivoClient:
         """A running conference with its members."""
         return self._call("GET", f"Conference/{quote(conference_name, safe='')}/")
 
+    def list_conferences(self) -> list[str]:
+        """The names of the conferences live now."""
+        names = self._call("GET", "Conference/").get("conferences") or []
+        return [str(name) for name in names if isinstance(name, str) and name]
+
+    def speak_to_members(
+        self, conference_name: str, member_ids: list[str], text: str, voice: str, language: str
+    ) -> None:
+        """Speak text to some members of a live conference (Plivo's Speak API)."""
+        self._call(
+            "POST",
+            f"{_members_path(conference_name, member_ids)}Speak/",
+            json={"text": text, "voice": voice, "language": language},
+        )
+
+    def play_to_members(self, conference_name: str, member_ids: list[str], url: str) -> None:
+        """Play an audio file (mp3 or wav) to some members of a live conference."""
+        self._call("POST", f"{_members_path(conference_name, member_ids)}Play/", json={"url": url})
+
+    def delete_recording(self, recording_id: str) -> None:
+        """Delete a recording from Plivo's storage."""
+        self._call("DELETE", f"Recording/{quote(recording_id, safe='')}/")
+
     def get_recording(self, recording_id: str) -> dict[str, Any]:
         """One recording's details (durations, times, URL)."""
         return self._call("GET", f"Recording/{quote(recording_id, safe='')}/")
@@ -133,6 +156,12 @@ class PlivoClient:
             if not objects or not (page.get("meta") or {}).get("next"):
                 return
             offset += len(objects)
+
+
+def _members_path(conference_name: str, member_ids: list[str]) -> str:
+    # Plivo takes one member id, several separated by commas, or `all`.
+    ids = ",".join(quote(member_id, safe="") for member_id in member_ids)
+    return f"Conference/{quote(conference_name, safe='')}/Member/{ids}/"
 
 
 def _redact(text: str, auth_id: str) -> str:

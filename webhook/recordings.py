@@ -13,11 +13,12 @@ from urllib.parse import urlsplit
 from sqlalchemy import ColumnElement, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm import Session, object_session, selectinload
 
 from webhook.db import rowcount
 from webhook.errors import BadParameter
 from webhook.models import LegalHoldEvent, Participant, Recording, Status, utcnow
+from webhook.notices import notices_of, notified_at
 
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 RECORDING_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -367,9 +368,11 @@ def participants_of(session: Session, recording_pks: list[int]) -> dict[int, lis
 
 
 def to_json(
-    recording: Recording, participants: list[dict[str, Any]] | None = None
+    recording: Recording,
+    participants: list[dict[str, Any]] | None = None,
+    notices: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """A recording as the API shows it (participants loaded from the row unless given)."""
+    """A recording as the API shows it (participants and notices loaded unless given)."""
     body: dict[str, Any] = {
         "recording_id": recording.recording_id,
         "conference_name": recording.conference_name,
@@ -407,7 +410,13 @@ def to_json(
             {name: getattr(p, column.key) for name, column in PARTICIPANT_FIELDS}
             for p in recording.participants
         ]
-    body["participants"] = participants
+    if notices is None:
+        session = object_session(recording)
+        notices = notices_of(session, [recording.id])[recording.id] if session else []
+    body["participants"] = [{**p, "notified_at": notified_at(p, notices)} for p in participants]
+    body["notices"] = notices
+    body["plivo_deleted_at"] = _iso(recording.plivo_deleted_at)
+    body["archive_mismatch"] = recording.archive_mismatch
     return body
 
 

@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from webhook.errors import BadParameter
 from webhook.models import Participant, Recording, Status
+from webhook.notices import notices_of, some_participant_not_notified
 from webhook.recordings import participant_key, participants_of, to_json
 
 DEFAULT_LIMIT = 50
@@ -74,6 +75,7 @@ class RecordingFilter:
     legal_hold: bool | None = None
     retained_after: dt.datetime | None = None
     retained_before: dt.datetime | None = None
+    notified: bool | None = None
 
 
 def parse_time(name: str, raw: str) -> dt.datetime:
@@ -122,6 +124,9 @@ def parse_filter(args: Mapping[str, str]) -> RecordingFilter:
     legal_hold = text("legal_hold")
     if legal_hold is not None and legal_hold not in ("true", "false"):
         raise BadParameter("legal_hold", "legal_hold must be true or false")
+    notified = text("notified")
+    if notified is not None and notified not in ("true", "false"):
+        raise BadParameter("notified", "notified must be true or false")
     participant = text("participant")
     since, until = text("since"), text("until")
     low, high = text("min_duration"), text("max_duration")
@@ -142,6 +147,7 @@ def parse_filter(args: Mapping[str, str]) -> RecordingFilter:
         retained_before=parse_time("retained_until_before", retained_before)
         if retained_before
         else None,
+        notified=None if notified is None else notified == "true",
     )
     if (
         result.since_ms is not None
@@ -203,6 +209,10 @@ def recordings_query(f: RecordingFilter, after: Cursor | None = None) -> Select[
         query = query.where(Recording.retain_until >= f.retained_after)
     if f.retained_before is not None:
         query = query.where(Recording.retain_until < f.retained_before)
+    if f.notified is not None:
+        # false: some participant was not told; true: every participant was.
+        untold = some_participant_not_notified()
+        query = query.where(untold if f.notified is False else ~untold)
     if after is not None:
         # A row-value comparison, so the index on (start_ms, id) bounds the scan at any depth.
         query = query.where(
@@ -223,5 +233,6 @@ def recordings_page(
     rows = list(session.scalars(recordings_query(filters, after).limit(limit + 1)))
     page, more = rows[:limit], len(rows) > limit
     participants = participants_of(session, [r.id for r in page])
+    notices = notices_of(session, [r.id for r in page])
     next_cursor = Cursor(page[-1].start_ms, page[-1].id).encode() if more else None
-    return [to_json(r, participants[r.id]) for r in page], next_cursor
+    return [to_json(r, participants[r.id], notices[r.id]) for r in page], next_cursor

@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from webhook import services
 from webhook.audit import note_recordings
 from webhook.auth import require
-from webhook.config import archive_prefix
+from webhook.conferences import conference_running, start_recording
 from webhook.db import request_session
-from webhook.errors import APIError, BadParameter, PlivoError
+from webhook.errors import BadParameter
 from webhook.models import Role
-from webhook.recordings import CONTROL_CHARACTERS, FILE_FORMATS, record_start, to_json
+from webhook.recordings import CONTROL_CHARACTERS, FILE_FORMATS, find, to_json
 
 bp = Blueprint("conferences", __name__)
-
-# Ask Plivo to retry the callback up to 5 times on any failure, not once on a timeout only.
-CALLBACK_RETRY_FRAGMENT = "#rc=5&rp=all"
 
 
 def _conference_name(name: str) -> str:
@@ -30,23 +24,11 @@ def _conference_name(name: str) -> str:
     return name
 
 
-@contextmanager
-def conference_running(name: str) -> Iterator[None]:
-    """Turn Plivo's 404 for a conference into our own `conference_not_found`."""
-    try:
-        yield
-    except PlivoError as exc:
-        if exc.status == 404:
-            raise APIError(
-                404, "conference_not_found", f"No conference named {name!r} is running"
-            ) from None
-        raise
-
-
 @bp.post("/conferences/<path:name>/recording")
 @require(Role.OPERATOR)
-def start_recording(name: str) -> tuple[Response, int]:
-    """Start recording a live conference and snapshot who is in it."""
+def start(name: str) -> tuple[Response, int]:
+    """Start recording a live conference, snapshot who is in it and tell them (409 if it is
+    being recorded already)."""
     name = _conference_name(name)
     body = request.get_json(silent=True) if request.data else {}
     if not isinstance(body, dict):
@@ -54,33 +36,10 @@ def start_recording(name: str) -> tuple[Response, int]:
     file_format = body.get("file_format", "mp3")
     if file_format not in FILE_FORMATS:
         raise BadParameter("file_format", f"file_format must be one of {', '.join(FILE_FORMATS)}")
-    svc = services(current_app)
-    if not svc.settings.public_url:
-        raise APIError(503, "public_url_not_set", "PUBLIC_URL must be set so Plivo can call back")
-    plivo = svc.plivo
-    # The members first: a conference that is not running fails here, before anything starts.
-    with conference_running(name):
-        conference = plivo.get_conference(name)
-    started = plivo.start_recording(
-        name, file_format, svc.settings.public_url + "/plivo/recording" + CALLBACK_RETRY_FRAGMENT
-    )
-    recording_id = started.get("recording_id")
-    if not recording_id:
-        raise APIError(502, "plivo_error", "Plivo did not answer with a recording_id")
-    session = request_session()
-    recording = record_start(
-        session,
-        recording_id=str(recording_id),
-        conference_name=name,
-        file_format=file_format,
-        api_id=started.get("api_id"),
-        record_url=started.get("url"),
-        members=list(conference.get("members") or []),
-        started_by=g.staff_name,
-        key_prefix=archive_prefix(svc.settings.archive_url),
-    )
-    session.commit()
-    note_recordings(recording.recording_id)
+    recording_id = start_recording(services(current_app), name, file_format, g.staff_name)
+    note_recordings(recording_id)
+    recording = find(request_session(), recording_id)
+    assert recording is not None  # stored and committed by start_recording
     return jsonify(to_json(recording)), 201
 
 

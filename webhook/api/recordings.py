@@ -18,11 +18,13 @@ from flask import (
 from flask.typing import ResponseReturnValue
 
 from webhook import actions
+from webhook.archive.deletion import deletion_history
 from webhook.audit import note_recordings
 from webhook.auth import require
 from webhook.db import request_session
 from webhook.errors import BadParameter
 from webhook.models import Role
+from webhook.notices import notices_of
 from webhook.recordings import legal_hold_history, participants_of, to_json
 from webhook.search import Cursor, parse_filter, recordings_page, recordings_query
 
@@ -47,6 +49,7 @@ EXPORT_COLUMNS = (
     "legal_hold",
     "attempts",
     "last_error",
+    "plivo_deleted_at",
 )
 
 
@@ -62,9 +65,10 @@ def list_recordings() -> Response:
 @bp.get("/recordings/<recording_id>")
 @require(Role.COMPLIANCE)
 def get_recording(recording_id: str) -> Response:
-    """One recording: metadata, participants, archive, and its legal hold history."""
+    """One recording: metadata, participants, archive, legal hold and Plivo deletion history."""
     body = to_json(actions.get_recording(recording_id))
     body["legal_hold_history"] = legal_hold_history(request_session(), recording_id)
+    body["plivo_deletions"] = deletion_history(request_session(), recording_id)
     return jsonify(body)
 
 
@@ -91,8 +95,9 @@ def _export_rows() -> Iterator[dict[str, object]]:
     while True:
         batch = list(session.scalars(recordings_query(filters, after).limit(EXPORT_BATCH)))
         participants = participants_of(session, [r.id for r in batch])
+        notices = notices_of(session, [r.id for r in batch])
         for recording in batch:
-            body = to_json(recording, participants[recording.id])
+            body = to_json(recording, participants[recording.id], notices[recording.id])
             archive = body.pop("archive") or {}
             body.update(
                 {

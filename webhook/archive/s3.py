@@ -144,3 +144,14 @@ class S3Storage:
             self.client.put_object_legal_hold(**params)
         except (BotoCoreError, ClientError) as exc:
             raise StorageError(f"legal hold on {key} failed: {exc}") from exc
+
+    def retained_until(self, key: str, version_id: str | None) -> dt.datetime | None:
+        """The Object Lock retain-until date S3 holds for the object, if any."""
+        params: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
+        if version_id:
+            params["VersionId"] = version_id
+        try:
+            head = self.client.head_object(**params)
+        except (BotoCoreError, ClientError) as exc:
+            raise StorageError(f"S3 head of {key} failed: {exc}") from exc
+        return head.get("ObjectLockRetainUntilDate")

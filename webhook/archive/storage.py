@@ -133,6 +133,25 @@ class Storage(Protocol):
 
     def set_legal_hold(self, key: str, version_id: str | None, on: bool) -> None: ...
 
+    def retained_until(self, key: str, version_id: str | None) -> dt.datetime | None: ...
+
+
+def check_object(
+    storage: Storage, key: str, version_id: str | None, size: int | None, sha256: str | None
+) -> str | None:
+    """Re-read an archived object: None when it holds exactly the bytes on file, else what differs.
+
+    Raises StorageError when the object cannot be read (missing, or the archive is down).
+    """
+    digest = hashlib.sha256()
+    seen = 0
+    for chunk in storage.read(key, version_id):
+        digest.update(chunk)
+        seen += len(chunk)
+    if seen == size and digest.hexdigest() == sha256:
+        return None
+    return f"expected {size} bytes sha256 {sha256}, found {seen} bytes sha256 {digest.hexdigest()}"
+
 
 def open_storage(settings: Settings) -> Storage:
     """The storage named by ARCHIVE_URL (`s3://bucket/prefix` or `file:///path`)."""
@@ -212,3 +231,6 @@ class LocalStorage:
 
     def set_legal_hold(self, key: str, version_id: str | None, on: bool) -> None:
         raise Unsupported("legal holds need an S3 archive with Object Lock")
+
+    def retained_until(self, key: str, version_id: str | None) -> dt.datetime | None:
+        return None  # a folder cannot lock anything

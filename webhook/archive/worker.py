@@ -19,6 +19,8 @@ import urllib3.exceptions
 from sqlalchemy import select, update
 from sqlalchemy.exc import DBAPIError
 
+from webhook import policy
+from webhook.archive.deletion import DELETE_EVERY_SECONDS, delete_from_plivo
 from webhook.archive.media import MediaError, RefusedURL, open_media
 from webhook.archive.reconcile import reconcile
 from webhook.archive.storage import HashingReader, Interrupted, StorageError, StoredObject
@@ -359,6 +361,16 @@ class Worker:
         plivo_configured = self.settings.plivo_auth_id and self.settings.plivo_auth_token
         if every and plivo_configured and self._turn_is_ours("reconcile", every):
             self.reconcile_recent()
+        every = self.settings.auto_record_interval_seconds
+        if (
+            self.settings.auto_record
+            and plivo_configured
+            and self._turn_is_ours("auto-record", every)
+        ):
+            self.auto_record()
+        deleting = self.settings.delete_from_plivo_after_days is not None and plivo_configured
+        if deleting and self._turn_is_ours("delete-from-plivo", DELETE_EVERY_SECONDS):
+            self.delete_from_plivo()
 
     def run(self, once: bool = False, poll_seconds: float = 1.0) -> int:
         """Archive until stopped (with `once`: until nothing is due); answer how many jobs ran.
@@ -397,3 +409,38 @@ class Worker:
                 )
             done += 1
         return done
+
+    # --- policy chores ----------------------------------------------------------------------
+
+    def auto_record(self) -> None:
+        """Start recordings of live conferences that AUTO_RECORD names and nobody records."""
+        try:
+            result = policy.auto_record(self.services)
+        except PlivoError as exc:
+            log.warning("auto-record could not list conferences: %s", exc.message)
+            return
+        if result.started or result.failed:
+            log.info(
+                "auto-record: %d started, %d failed",
+                result.started,
+                result.failed,
+                extra={"live": result.live, "matching": result.matching},
+            )
+
+    def delete_from_plivo(self) -> None:
+        """Delete from Plivo what the archive is proven to hold, once DELETE_FROM_PLIVO_AFTER_DAYS
+        have passed."""
+        try:
+            result = delete_from_plivo(self.services)
+        except RETRYABLE as exc:
+            # The archive or the network failed mid-pass: what is left is taken up next turn.
+            log.warning("delete from Plivo interrupted: %s: %s", type(exc).__name__, exc)
+            return
+        if result.deleted or result.failed or result.refused or result.mismatched:
+            log.info(
+                "delete from Plivo: %d deleted, %d failed, %d refused, %d mismatched",
+                result.deleted,
+                result.failed,
+                result.refused,
+                result.mismatched,
+            )
