@@ -195,15 +195,18 @@ class FakePlivo:
         self,
         recording_id: str,
         content: bytes,
-        duration_ms: int = 5000,
+        duration_ms: int | None = None,
         scheme: str = "snake",
         conference_name: str | None = None,
     ) -> dict[str, str]:
         """Finish a recording (media, durations, times); return the callback params Plivo sends.
 
         `scheme` is "snake" (the Record API's callback) or "camel" (Conference XML's callbackUrl).
-        A recording never started through the API is created, in `conference_name`.
+        A recording never started through the API is created, in `conference_name`. Without
+        `duration_ms`, the duration is 5 s, or as long as `content` lasts at 128 kbit/s if longer.
         """
+        if duration_ms is None:
+            duration_ms = max(5000, len(content) // 16)
         if scheme not in ("snake", "camel"):
             raise ValueError(f"unknown callback scheme {scheme!r}: use 'snake' or 'camel'")
         end_ms = int(time.time() * 1000)

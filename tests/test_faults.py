@@ -42,6 +42,7 @@ from tests.conftest import (
     AppFactory,
     free_port,
     make_bucket,
+    mp3_bytes,
     post_callback,
 )
 from tests.fakeplivo import FakePlivo
@@ -434,7 +435,7 @@ def test_worker_sigkilled_mid_upload_is_taken_over_after_its_lease_and_archived_
     web, env, processes, media, plivo, rows, s3, bucket
 ) -> None:
     versioned(s3, bucket)
-    audio = os.urandom(40 * MiB)
+    audio = mp3_bytes(40 * MiB)
     media.content["killed-upload"] = audio
     # A first part's worth and a little more at once, then a trickle: the first worker is
     # caught with part 1 in S3 and part 2 still downloading.
@@ -478,7 +479,7 @@ def test_worker_sigkilled_mid_download_is_taken_over_and_archived_once(
     web, env, processes, media, plivo, rows, s3, bucket
 ) -> None:
     versioned(s3, bucket)
-    audio = os.urandom(20 * MiB)
+    audio = mp3_bytes(20 * MiB)
     media.content["killed-download"] = audio
     media.plans["killed-download"] = [Plan(fast=MiB, rate=64 * 1024)]
     queue(web(), plivo, "killed-download", audio, media.url("killed-download"))
@@ -518,7 +519,7 @@ def test_sigterm_mid_upload_releases_the_job_uncounted_and_exits_promptly(
     web, env, processes, media, plivo, rows, s3, bucket
 ) -> None:
     versioned(s3, bucket)
-    audio = os.urandom(24 * MiB)
+    audio = mp3_bytes(24 * MiB)
     media.content["stopped-upload"] = audio
     # A slow but steady host: the rest of part 2 would take nearly a minute to arrive.
     media.plans["stopped-upload"] = [Plan(fast=PART + MiB, rate=128 * 1024)]
@@ -588,7 +589,7 @@ def test_three_workers_one_sigkilled_archive_every_recording_exactly_once(
     web, env, processes, media, plivo, rows, s3, bucket
 ) -> None:
     versioned(s3, bucket)
-    audio = {f"many-{n:02d}": os.urandom(256 * 1024 + n) for n in range(30)}
+    audio = {f"many-{n:02d}": mp3_bytes(256 * 1024 + n) for n in range(30)}
     media.content.update(audio)
     media.default = Plan(fast=0, rate=512 * 1024)  # about half a second a recording
     app = web()
@@ -662,7 +663,7 @@ def test_s3_down_is_retried_with_the_error_visible_then_archived_once_it_is_back
 ) -> None:
     s3 = boto3.client("s3", endpoint_url=own_moto.endpoint)
     bucket = versioned(s3, make_bucket(own_moto.endpoint))
-    audio = os.urandom(2 * MiB)
+    audio = mp3_bytes(2 * MiB)
     queue(web(archive_url=f"s3://{bucket}/a"), plivo, "s3-down", audio)
     # Down before the worker ever connects: a stopped moto would go on answering on keep-alive
     # connections it had already accepted.
@@ -844,12 +845,12 @@ def test_worker_rides_out_a_database_outage_and_archives_once_it_is_back(
     worker = processes.worker(
         "worker", env(f"s3://{bucket}/a", DATABASE_URL=through(proxy, database_url))
     )
-    before = os.urandom(100_000)
+    before = mp3_bytes(100_000)
     queue(app, plivo, "db-before", before)
     wait_for(lambda: rows.status("db-before") == Status.ARCHIVED, 30, "archived before")
 
     proxy.close()
-    during = os.urandom(3 * MiB)
+    during = mp3_bytes(3 * MiB)
     queue(app, plivo, "db-during", during)
     wait_for(lambda: "database unavailable" in worker.output(), 20, "the outage noticed")
     assert worker.running
@@ -888,7 +889,7 @@ def test_media_host_faults_end_archived_or_failed_with_the_reason(
     versioned(s3, bucket)
     app = web()
     audio = {
-        name: os.urandom(200_000) for name in ("not-yet", "stalls", "moved", "forged", "broken")
+        name: mp3_bytes(200_000) for name in ("not-yet", "stalls", "moved", "forged", "broken")
     }
     plivo.stall_seconds = READ_TIMEOUT + 2
     plivo.media_faults.update(

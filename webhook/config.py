@@ -74,6 +74,10 @@ class Settings:
     reconcile_interval_seconds: int
     max_callback_bytes: int
     presign_seconds: int
+    media_max_bytes: int
+    media_deadline_seconds: int
+    media_read_timeout_seconds: int
+    media_min_bytes_per_second: int
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], instance_path: str) -> Settings:
@@ -110,6 +114,10 @@ class Settings:
             reconcile_interval_seconds=_int(env, "RECONCILE_INTERVAL_SECONDS", 3600) or 0,
             max_callback_bytes=_int(env, "MAX_CALLBACK_BYTES", 64 * 1024, minimum=1024) or 65536,
             presign_seconds=min(_int(env, "PRESIGN_SECONDS", 60, minimum=1) or 60, 300),
+            media_max_bytes=_int(env, "MEDIA_MAX_BYTES", 2 * 1024**3, minimum=1024) or 0,
+            media_deadline_seconds=_int(env, "MEDIA_DEADLINE_SECONDS", 3600, minimum=1) or 0,
+            media_read_timeout_seconds=_int(env, "MEDIA_READ_TIMEOUT_SECONDS", 60, minimum=1) or 0,
+            media_min_bytes_per_second=_int(env, "MEDIA_MIN_BYTES_PER_SECOND", 32768) or 0,
         )
 
     def replace(self, **changes: Any) -> Settings:
