@@ -427,15 +427,12 @@ def open_media(
             request.headers["Host"] = target.host_header
             if credentials is not None and target.send_credentials:
                 request = credentials(request)
+            # The adapter itself, not Session.send: that one prepares a redirect's next request
+            # with its own parsing even when told not to follow it.
             adapter = PinnedAdapter(target, dialled)
-            http.mount("http://", adapter)
-            http.mount("https://", adapter)
             try:
-                response = http.send(
-                    request,
-                    stream=True,
-                    allow_redirects=False,
-                    timeout=(CONNECT_TIMEOUT, limits.read_timeout_seconds),
+                response = adapter.send(
+                    request, stream=True, timeout=(CONNECT_TIMEOUT, limits.read_timeout_seconds)
                 )
             except requests.RequestException as exc:
                 raise MediaError(f"media download failed: {exc}") from exc
