@@ -26,6 +26,8 @@ from types import TracebackType
 from typing import Any
 
 import requests
+import urllib3
+import urllib3.connection
 import urllib3.exceptions
 from requests.adapters import HTTPAdapter
 from requests.auth import HTTPBasicAuth
@@ -216,6 +218,34 @@ def check_url(url: str, settings: Settings) -> Target:
     )
 
 
+class _HTTPConnection(urllib3.connection.HTTPConnection):
+    """Keeps its socket after http.client hands it to the response, so a read can be cut."""
+
+    kept_socket: socket.socket | None = None
+
+    def connect(self) -> None:
+        super().connect()
+        self.kept_socket = self.sock
+
+
+class _HTTPSConnection(urllib3.connection.HTTPSConnection):
+    """Keeps its (TLS) socket after http.client hands it to the response."""
+
+    kept_socket: socket.socket | None = None
+
+    def connect(self) -> None:
+        super().connect()
+        self.kept_socket = self.sock
+
+
+class _HTTPPool(urllib3.HTTPConnectionPool):
+    ConnectionCls = _HTTPConnection
+
+
+class _HTTPSPool(urllib3.HTTPSConnectionPool):
+    ConnectionCls = _HTTPSConnection
+
+
 class PinnedAdapter(HTTPAdapter):
     """Sends one approved request, connecting to the approved address only.
 
@@ -227,6 +257,7 @@ class PinnedAdapter(HTTPAdapter):
         super().__init__(max_retries=0)
         self.target = target
         self.dialled = dialled
+        self.poolmanager.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
 
     def build_connection_pool_key_attributes(
         self, request: requests.PreparedRequest, verify: Any, cert: Any = None
@@ -335,7 +366,7 @@ class Download:
     def _cut(self) -> None:
         """Shut the socket under a blocked read, so that the read returns at once."""
         connection = getattr(self.response.raw, "connection", None)
-        sock = getattr(connection, "sock", None)
+        sock = getattr(connection, "kept_socket", None)
         if sock is not None:
             # Already closed is fine: the read is over anyway. socket.socket's own shutdown, not
             # SSLSocket's, which would try to write a TLS alert from this thread.
@@ -349,7 +380,9 @@ class Download:
             raise self._verdict
         self._waiting_since = time.monotonic()
         try:
-            chunk: bytes = self.response.raw.read(size, decode_content=False)
+            # read1: whatever has arrived (a read of `size` would wait for all of it, and the
+            # watchdog would see no progress from a slow but steady host).
+            chunk: bytes = self.response.raw.read1(size, decode_content=False)
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             if self._verdict is not None:
                 raise self._verdict from exc
