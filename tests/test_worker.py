@@ -22,6 +22,7 @@ from tests.conftest import MP3_TAG, AppFactory, make_settings, mp3_bytes, post_c
 from tests.fakeplivo import FakePlivo
 from webhook import services
 from webhook.archive.media import RefusedURL, check_url
+from webhook.archive.reconcile import reconcile
 from webhook.archive.worker import MAX_RETRY_DELAY, Worker, retry_delay
 from webhook.config import Settings
 from webhook.db import transaction
@@ -819,3 +820,68 @@ def test_of_several_workers_exactly_one_takes_each_turn_of_a_chore(make_app: App
     assert [w._turn_is_ours("test-chore", 3600) for w in workers] == [True, False, False, False]
     assert not workers[0]._turn_is_ours("test-chore", 3600)
     assert workers[1]._turn_is_ours("other-chore", 3600)
+
+
+# --- poison jobs --------------------------------------------------------------------------------
+
+
+def test_an_unexpected_error_in_one_job_is_logged_and_retried_and_the_next_job_runs(
+    app, plivo, monkeypatch, caplog
+) -> None:
+    queue(app, plivo, "rec-bug", mp3_bytes(1000))
+    queue(app, plivo, "rec-fine", mp3_bytes(1000))
+    storage = services(app).storage
+    real_put = storage.put
+
+    def put(key: str, *args: Any) -> Any:
+        if "rec-bug" in key:
+            raise KeyError("a bug nobody foresaw")
+        return real_put(key, *args)
+
+    monkeypatch.setattr(storage, "put", put)
+    worker = Worker(services(app))
+    bug = worker.claim()
+    assert bug is not None and bug.recording_id == "rec-bug"
+    worker.process(bug)
+
+    recording = row(app, "rec-bug")
+    assert recording.status == Status.PENDING
+    assert recording.attempts == 1
+    assert recording.last_error == "unexpected error: KeyError: 'a bug nobody foresaw'"
+    (logged,) = [r for r in caplog.records if r.getMessage() == "unexpected error in job"]
+    assert logged.exc_info is not None and logged.exc_info[0] is KeyError
+
+    assert worker.run(once=True) >= 1
+    assert row(app, "rec-fine").status == Status.ARCHIVED
+
+
+@pytest.mark.parametrize("duration", ["1e400", "1e30", "Infinity", "-5", "12 minutes"])
+def test_a_bad_duration_from_plivo_recording_api_fails_the_job_naming_the_field(
+    app, plivo, duration
+) -> None:
+    params = plivo.finish_recording("rec-api", mp3_bytes(1000), scheme="camel")
+    for name in ("RecordingDuration", "RecordingDurationMs", "RecordingEndMs"):
+        del params[name]
+    assert post_callback(app.test_client(), plivo, params).status_code == 200
+    plivo.recordings["rec-api"]["recording_duration_ms"] = duration
+
+    assert Worker(services(app)).run(once=True) == 1
+
+    recording = row(app, "rec-api")
+    assert recording.status == Status.FAILED
+    assert (recording.last_error or "").startswith("Plivo's Recording API: recording_duration_ms")
+    assert recording.duration_ms is None
+    assert media_paths(plivo) == []
+
+
+def test_reconcile_skips_a_recording_whose_plivo_duration_is_absurd(app, plivo) -> None:
+    plivo.finish_recording("rec-absurd", mp3_bytes(1000))
+    plivo.finish_recording("rec-sane", mp3_bytes(1000))
+    plivo.recordings["rec-absurd"]["recording_duration_ms"] = "1e400"
+    warnings: list[str] = []
+
+    result = reconcile(services(app), warn=warnings.append)
+
+    assert (result.queued, result.skipped) == (1, 1)
+    assert "recording_duration_ms" in warnings[0]
+    assert row(app, "rec-sane").status == Status.PENDING
