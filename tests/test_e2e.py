@@ -193,14 +193,14 @@ def test_procfile_processes_archive_a_conference_recording_end_to_end(
 
         # --- Plivo finishes it and calls back; the worker archives it -----------------------------
         audio = mp3_bytes(AUDIO_BYTES)
-        params = plivo.finish_recording(recording_id, audio, duration_ms=65_000)
+        params = plivo.finish_recording(recording_id, audio, duration_ms=1_320_000)
         callback = plivo.send_callback(socket_callback, params, sign_url=public_callback)
         assert callback.status_code == 200, callback.text
         assert callback.json() == {"status": "accepted", "recording_id": recording_id}
 
         archived = wait_for_archive(base, recording_id, compliance)
         assert archived["conference_name"] == CONFERENCE
-        assert archived["duration_ms"] == 65_000
+        assert archived["duration_ms"] == 1_320_000
         assert archived["attempts"] == 1, archived
         assert archived["last_error"] is None
         archive = archived["archive"]

@@ -873,14 +873,9 @@ def test_worker_rides_out_a_database_outage_and_archives_once_it_is_back(
 
 # --- 7: media host faults through a worker process ---------------------------------------------
 
-# The worker's read timeout is a module constant (60 s): this worker is the same `webhook worker`
-# entry point with it shortened, so that a stall "past the read timeout" costs seconds.
-READ_TIMEOUT = 1.5
-SHORT_TIMEOUT_WORKER = (
-    "python -c 'from webhook.archive import media; "
-    f"media.TIMEOUT = (5.0, {READ_TIMEOUT}); "
-    "from webhook.cli import main; main()' worker"
-)
+# A read timeout of a second (MEDIA_READ_TIMEOUT_SECONDS), so that a stall "past the read timeout"
+# costs seconds.
+READ_TIMEOUT = 1
 
 
 @pytest.mark.e2e
@@ -907,8 +902,13 @@ def test_media_host_faults_end_archived_or_failed_with_the_reason(
     media.content.update({"moved": audio["moved"], "forged": audio["forged"]})
     for recording_id, content in audio.items():
         queue(app, plivo, recording_id, content)
-    worker = processes.start(
-        "worker", SHORT_TIMEOUT_WORKER, env(f"s3://{bucket}/a", ARCHIVE_MAX_ATTEMPTS="5")
+    worker = processes.worker(
+        "worker",
+        env(
+            f"s3://{bucket}/a",
+            ARCHIVE_MAX_ATTEMPTS="5",
+            MEDIA_READ_TIMEOUT_SECONDS=str(READ_TIMEOUT),
+        ),
     )
 
     def settled() -> bool:
