@@ -104,6 +104,7 @@ class Limits:
 
     file_format: str
     max_bytes: int
+    size_reason: str  # why max_bytes, for the error that names it
     deadline_seconds: float
     read_timeout_seconds: float
     min_bytes_per_second: int
@@ -114,12 +115,15 @@ def media_limits(file_format: str | None, duration_ms: int | None, settings: Set
     fmt = file_format if file_format in MAX_BYTES_PER_SECOND else "mp3"
     if duration_ms is None:
         max_bytes = settings.media_max_bytes
+        reason = "MEDIA_MAX_BYTES, the recording's duration being unknown"
     else:
         seconds = math.ceil(max(duration_ms, 0) / 1000)
         max_bytes = SIZE_ALLOWANCE + SIZE_MARGIN * MAX_BYTES_PER_SECOND[fmt] * seconds
+        reason = f"the most {seconds} s of {fmt} can take"
     return Limits(
         file_format=fmt,
         max_bytes=max_bytes,
+        size_reason=reason,
         deadline_seconds=settings.media_deadline_seconds,
         read_timeout_seconds=settings.media_read_timeout_seconds,
         min_bytes_per_second=settings.media_min_bytes_per_second,
@@ -397,8 +401,8 @@ class Download:
         self.size += len(chunk)
         if self.size > self.limits.max_bytes:
             raise RefusedMedia(
-                f"media host sent more than {self.limits.max_bytes} bytes, more than a "
-                f"{self.limits.file_format} recording of this duration can be"
+                f"media host sent more than {self.limits.max_bytes} bytes "
+                f"({self.limits.size_reason})"
             )
         return chunk
 
@@ -501,8 +505,8 @@ def _accept(
     try:
         if download.expected is not None and download.expected > limits.max_bytes:
             raise RefusedMedia(
-                f"media host announced {download.expected} bytes, more than a {fmt} recording "
-                f"of this duration can be ({limits.max_bytes})"
+                f"media host announced {download.expected} bytes, more than {limits.max_bytes} "
+                f"({limits.size_reason})"
             )
         download.sniff()
     except BaseException:
