@@ -358,7 +358,8 @@ class Download:
                 f"media download timed out: not done after {self.limits.deadline_seconds:g} s "
                 f"(MEDIA_DEADLINE_SECONDS), {self.size} bytes received"
             )
-        waited = self._waited + (now - self._waiting_since if self._waiting_since else 0.0)
+        since = self._waiting_since  # read once: the reading thread changes it
+        waited = self._waited + (now - since if since is not None else 0.0)
         grace = self.limits.read_timeout_seconds
         if waited > grace and self.size / waited < self.limits.min_bytes_per_second:
             return MediaError(
