@@ -262,7 +262,9 @@ def queue_recording(url: str, media_base: str, content: str, recording_id: str, 
             media_base + common.media_path(content, size),
             "bench/room-0001",
             1_767_225_600_000,
-            600_000,
+            # As long as `size` bytes of mp3 last at 128 kbit/s (the worker bounds a download
+            # by the recording's duration), ten minutes at least.
+            max(600_000, size // 16),
         )
     )
     engine = sa.create_engine(url)

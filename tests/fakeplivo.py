@@ -205,7 +205,7 @@ class FakePlivo:
         self,
         recording_id: str,
         content: bytes,
-        duration_ms: int = 5000,
+        duration_ms: int | None = None,
         scheme: str = "snake",
         conference_name: str | None = None,
         added_at: datetime | None = None,
@@ -214,8 +214,11 @@ class FakePlivo:
 
         `scheme` is "snake" (the Record API's callback) or "camel" (Conference XML's callbackUrl).
         A recording never started through the API is created, in `conference_name`. `added_at`
-        puts it in the past (Plivo's `add_time`, and the end of the recording).
+        puts it in the past (Plivo's `add_time`, and the end of the recording). Without
+        `duration_ms`, the duration is 5 s, or as long as `content` lasts at 128 kbit/s if longer.
         """
+        if duration_ms is None:
+            duration_ms = max(5000, len(content) // 16)
         if scheme not in ("snake", "camel"):
             raise ValueError(f"unknown callback scheme {scheme!r}: use 'snake' or 'camel'")
         added = added_at or datetime.now(UTC)

@@ -19,7 +19,7 @@ from flask import Flask
 from flask.testing import FlaskCliRunner
 from sqlalchemy import func, select
 
-from tests.conftest import make_settings, post_callback, token_for
+from tests.conftest import MP3_TAG, make_settings, mp3_bytes, post_callback, token_for
 from tests.fakeplivo import FakePlivo
 from webhook import create_app, services
 from webhook.archive.worker import Worker
@@ -221,7 +221,7 @@ def test_staff_revoke_makes_the_token_fail(runner, client) -> None:
 def test_worker_once_archives_what_is_queued_and_prints_the_count(
     app, runner, plivo, worker_command_isolated
 ) -> None:
-    audio = {"cli-1": os.urandom(3000), "cli-2": os.urandom(4000)}
+    audio = {"cli-1": mp3_bytes(3000), "cli-2": mp3_bytes(4000)}
     for recording_id, content in audio.items():
         queue(app, plivo, recording_id, content)
 
@@ -251,7 +251,7 @@ def test_worker_refuses_to_start_when_retention_is_asked_but_bucket_cannot_lock(
     )
     app = create_app({"TESTING": True, "SETTINGS": settings})
     try:
-        queue(app, plivo, "cli-unlocked", b"must not be stored without retention")
+        queue(app, plivo, "cli-unlocked", MP3_TAG + b"must not be stored without retention")
 
         result = invoke(app.test_cli_runner(), "worker", "--once")
 
@@ -268,8 +268,8 @@ def test_worker_refuses_to_start_when_retention_is_asked_but_bucket_cannot_lock(
 
 
 def test_requeue_one_recording_puts_it_back_with_fresh_attempts(app, runner, plivo) -> None:
-    queue(app, plivo, "rq-1", b"one")
-    queue(app, plivo, "rq-2", b"two")
+    queue(app, plivo, "rq-1", MP3_TAG + b"one")
+    queue(app, plivo, "rq-2", MP3_TAG + b"two")
     fail(app, "rq-1", "rq-2")
 
     result = invoke(runner, "requeue", "rq-1")
@@ -303,7 +303,7 @@ def test_requeue_failed_puts_every_failed_recording_back(app, runner, plivo) -> 
 
 
 def test_requeue_refuses_an_archived_recording(app, runner, plivo) -> None:
-    archive(app, plivo, {"rq-done": b"done"})
+    archive(app, plivo, {"rq-done": MP3_TAG + b"done"})
 
     result = invoke(runner, "requeue", "rq-done")
 
@@ -326,9 +326,9 @@ def test_reconcile_queues_what_plivo_has_and_the_archive_lacks(app, runner, pliv
     known = [f"known-{n}" for n in range(3)]
     lost = [f"lost-{n:02d}" for n in range(25)]
     for recording_id in known:
-        queue(app, plivo, recording_id, b"known")
+        queue(app, plivo, recording_id, MP3_TAG + b"known")
     for recording_id in lost:
-        plivo.finish_recording(recording_id, recording_id.encode(), duration_ms=4000)
+        plivo.finish_recording(recording_id, MP3_TAG + recording_id.encode(), duration_ms=4000)
 
     result = invoke(runner, "reconcile")
 
@@ -358,7 +358,7 @@ def test_reconcile_queues_what_plivo_has_and_the_archive_lacks(app, runner, pliv
 
     # What it queued is archived like any callback's recording.
     assert Worker(services(app)).run(once=True) == 28
-    assert row(app, "lost-07").archive_sha256 == hashlib.sha256(b"lost-07").hexdigest()
+    assert row(app, "lost-07").archive_sha256 == hashlib.sha256(MP3_TAG + b"lost-07").hexdigest()
 
 
 def test_reconcile_queues_a_recording_started_here_whose_callback_was_lost(
@@ -372,7 +372,7 @@ def test_reconcile_queues_a_recording_started_here_whose_callback_was_lost(
     assert started.status_code == 201, started.get_json()
     recording_id = started.get_json()["recording_id"]
     assert row(app, recording_id).status == Status.RECORDING
-    plivo.finish_recording(recording_id, b"board audio")
+    plivo.finish_recording(recording_id, MP3_TAG + b"board audio")
 
     result = invoke(runner, "reconcile")
 
@@ -385,8 +385,8 @@ def test_reconcile_queues_a_recording_started_here_whose_callback_was_lost(
 
 
 def test_reconcile_leaves_recordings_that_are_not_conference_recordings(app, runner, plivo) -> None:
-    plivo.finish_recording("conf-1", b"conference")
-    plivo.finish_recording("call-1", b"a call recording")
+    plivo.finish_recording("conf-1", MP3_TAG + b"conference")
+    plivo.finish_recording("call-1", MP3_TAG + b"a call recording")
     plivo.recordings["call-1"]["recording_type"] = "call"
 
     result = invoke(runner, "reconcile")
@@ -400,7 +400,7 @@ def test_reconcile_leaves_recordings_that_are_not_conference_recordings(app, run
 
 
 def test_reconcile_since_limits_to_recent_recordings(app, runner, plivo) -> None:
-    plivo.finish_recording("recent", b"recent")
+    plivo.finish_recording("recent", MP3_TAG + b"recent")
     tomorrow = (dt.datetime.now(dt.UTC) + dt.timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%S")
 
     future = invoke(runner, "reconcile", "--since", tomorrow)
@@ -415,7 +415,7 @@ def test_reconcile_since_limits_to_recent_recordings(app, runner, plivo) -> None
 
 @pytest.mark.parametrize("since", ["yesterday", "2023-13-45", "not a date"])
 def test_reconcile_since_garbage_is_a_usage_error(app, runner, plivo, since) -> None:
-    plivo.finish_recording("untouched", b"x")
+    plivo.finish_recording("untouched", MP3_TAG + b"x")
 
     result = invoke(runner, "reconcile", "--since", since)
 
@@ -426,7 +426,7 @@ def test_reconcile_since_garbage_is_a_usage_error(app, runner, plivo, since) -> 
 
 
 def test_reconcile_reports_plivo_failure(app, runner, plivo) -> None:
-    plivo.finish_recording("unreachable", b"x")
+    plivo.finish_recording("unreachable", MP3_TAG + b"x")
     plivo.api_faults.append(401)
 
     result = invoke(runner, "reconcile")
@@ -548,7 +548,7 @@ def test_reconcile_since_interrupted_resumes_where_it_stopped(app, runner, plivo
 
 
 def test_verify_passes_on_intact_local_archive(app, runner, plivo) -> None:
-    archive(app, plivo, {"v-1": os.urandom(1000), "v-2": os.urandom(2000)})
+    archive(app, plivo, {"v-1": mp3_bytes(1000), "v-2": mp3_bytes(2000)})
 
     result = invoke(runner, "verify")
 
@@ -557,7 +557,7 @@ def test_verify_passes_on_intact_local_archive(app, runner, plivo) -> None:
 
 
 def test_verify_finds_an_overwritten_local_file(app, runner, plivo) -> None:
-    archive(app, plivo, {"v-ok": os.urandom(1000), "v-bad": os.urandom(1000)})
+    archive(app, plivo, {"v-ok": mp3_bytes(1000), "v-bad": mp3_bytes(1000)})
     path = services(app).storage.local_path(str(row(app, "v-bad").archive_key))
     assert path is not None
     path.write_bytes(os.urandom(1000))  # same size, other bytes
@@ -572,7 +572,7 @@ def test_verify_finds_an_overwritten_local_file(app, runner, plivo) -> None:
 
 
 def test_verify_reports_a_missing_local_file(app, runner, plivo) -> None:
-    archive(app, plivo, {"v-gone": b"gone"})
+    archive(app, plivo, {"v-gone": MP3_TAG + b"gone"})
     path = services(app).storage.local_path(str(row(app, "v-gone").archive_key))
     assert path is not None
     path.unlink()
@@ -593,7 +593,7 @@ def test_verify_finds_an_overwritten_s3_object(
     )
     try:
         runner = app.test_cli_runner()
-        archive(app, plivo, {"s3-ok": os.urandom(1500), "s3-bad": os.urandom(1500)})
+        archive(app, plivo, {"s3-ok": mp3_bytes(1500), "s3-bad": mp3_bytes(1500)})
         clean = invoke(runner, "verify")
         assert clean.exit_code == 0, clean.output
         assert "0 mismatch(es)" in last_line(clean)

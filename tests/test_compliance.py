@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ from flask import Flask
 from sqlalchemy import select
 from sqlalchemy.exc import DatabaseError
 
-from tests.conftest import AppFactory, make_bucket, post_callback, token_for
+from tests.conftest import AppFactory, make_bucket, mp3_bytes, post_callback, token_for
 from tests.fakeplivo import FakePlivo
 from tests.test_cli import worker_command_isolated  # noqa: F401 - a fixture, named in usefixtures
 from webhook import services
@@ -49,7 +48,7 @@ def headers(app: Flask, role: Role = Role.ADMIN, name: str | None = None) -> dic
 
 def queue(app: Flask, plivo: FakePlivo, recording_id: str, end_ms: int = NOW_MS) -> None:
     """Finish a recording that ended at `end_ms` and deliver its signed callback."""
-    params = plivo.finish_recording(recording_id, os.urandom(2000))
+    params = plivo.finish_recording(recording_id, mp3_bytes(2000))
     duration_ms = int(float(params["recording_duration_ms"]))
     params["recording_end_ms"] = str(end_ms)
     params["recording_start_ms"] = str(end_ms - duration_ms)

@@ -81,3 +81,20 @@ def test_a_dyno_with_database_and_archive_starts() -> None:
 def test_presigned_links_never_outlive_five_minutes() -> None:
     assert load(INSTANCE, {"PRESIGN_SECONDS": "3600"}).presign_seconds == 300
     assert load(INSTANCE, {"PRESIGN_SECONDS": "60"}).presign_seconds == 60
+
+
+def test_media_download_bounds_have_defaults_and_are_validated() -> None:
+    settings = load(INSTANCE, {})
+    assert settings.media_max_bytes == 2 * 1024**3
+    assert (settings.media_deadline_seconds, settings.media_read_timeout_seconds) == (3600, 60)
+    assert settings.media_min_bytes_per_second == 32768
+    assert load(INSTANCE, {"MEDIA_MIN_BYTES_PER_SECOND": "0"}).media_min_bytes_per_second == 0
+    for name, bad in (
+        ("MEDIA_MAX_BYTES", "100"),
+        ("MEDIA_MAX_BYTES", "2GB"),
+        ("MEDIA_DEADLINE_SECONDS", "0"),
+        ("MEDIA_READ_TIMEOUT_SECONDS", "0"),
+        ("MEDIA_MIN_BYTES_PER_SECOND", "-1"),
+    ):
+        with pytest.raises(ConfigError, match=name):
+            load(INSTANCE, {name: bad})

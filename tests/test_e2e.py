@@ -21,7 +21,7 @@ import pytest
 import requests
 from sqlalchemy import select
 
-from tests.conftest import CALLBACK_URL, PUBLIC_URL, free_port
+from tests.conftest import CALLBACK_URL, PUBLIC_URL, free_port, mp3_bytes
 from tests.fakeplivo import FakePlivo
 from tests.processes import Deployment, Process, process_env, read_procfile, run_all
 from webhook.archive.storage import PART_SIZE
@@ -192,15 +192,15 @@ def test_procfile_processes_archive_a_conference_recording_end_to_end(
         assert started.json()["status"] == "recording"
 
         # --- Plivo finishes it and calls back; the worker archives it -----------------------------
-        audio = os.urandom(AUDIO_BYTES)
-        params = plivo.finish_recording(recording_id, audio, duration_ms=65_000)
+        audio = mp3_bytes(AUDIO_BYTES)
+        params = plivo.finish_recording(recording_id, audio, duration_ms=1_320_000)
         callback = plivo.send_callback(socket_callback, params, sign_url=public_callback)
         assert callback.status_code == 200, callback.text
         assert callback.json() == {"status": "accepted", "recording_id": recording_id}
 
         archived = wait_for_archive(base, recording_id, compliance)
         assert archived["conference_name"] == CONFERENCE
-        assert archived["duration_ms"] == 65_000
+        assert archived["duration_ms"] == 1_320_000
         assert archived["attempts"] == 1, archived
         assert archived["last_error"] is None
         archive = archived["archive"]
@@ -262,7 +262,7 @@ def test_procfile_processes_archive_a_conference_recording_end_to_end(
         # A recording started outside this service (console, Conference XML): the first callback
         # creates its row, the retry finds it.
         retried_id = f"retried-{recording_id}"
-        retried_audio = os.urandom(1024 * 1024)
+        retried_audio = mp3_bytes(1024 * 1024)
         retried_params = plivo.finish_recording(
             retried_id, retried_audio, conference_name=CONFERENCE
         )

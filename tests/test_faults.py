@@ -37,11 +37,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from tests.conftest import (
     CALLBACK_URL,
+    MP3_TAG,
     ON_POSTGRES,
     PUBLIC_URL,
     AppFactory,
     free_port,
     make_bucket,
+    mp3_bytes,
     post_callback,
 )
 from tests.fakeplivo import NONCE_HEADER, FakePlivo
@@ -434,7 +436,7 @@ def test_worker_sigkilled_mid_upload_is_taken_over_after_its_lease_and_archived_
     web, env, processes, media, plivo, rows, s3, bucket
 ) -> None:
     versioned(s3, bucket)
-    audio = os.urandom(40 * MiB)
+    audio = mp3_bytes(40 * MiB)
     media.content["killed-upload"] = audio
     # A first part's worth and a little more at once, then a trickle: the first worker is
     # caught with part 1 in S3 and part 2 still downloading.
@@ -478,7 +480,7 @@ def test_worker_sigkilled_mid_download_is_taken_over_and_archived_once(
     web, env, processes, media, plivo, rows, s3, bucket
 ) -> None:
     versioned(s3, bucket)
-    audio = os.urandom(20 * MiB)
+    audio = mp3_bytes(20 * MiB)
     media.content["killed-download"] = audio
     media.plans["killed-download"] = [Plan(fast=MiB, rate=64 * 1024)]
     queue(web(), plivo, "killed-download", audio, media.url("killed-download"))
@@ -518,7 +520,7 @@ def test_sigterm_mid_upload_releases_the_job_uncounted_and_exits_promptly(
     web, env, processes, media, plivo, rows, s3, bucket
 ) -> None:
     versioned(s3, bucket)
-    audio = os.urandom(24 * MiB)
+    audio = mp3_bytes(24 * MiB)
     media.content["stopped-upload"] = audio
     # A slow but steady host: the rest of part 2 would take nearly a minute to arrive.
     media.plans["stopped-upload"] = [Plan(fast=PART + MiB, rate=128 * 1024)]
@@ -588,7 +590,7 @@ def test_three_workers_one_sigkilled_archive_every_recording_exactly_once(
     web, env, processes, media, plivo, rows, s3, bucket
 ) -> None:
     versioned(s3, bucket)
-    audio = {f"many-{n:02d}": os.urandom(256 * 1024 + n) for n in range(30)}
+    audio = {f"many-{n:02d}": mp3_bytes(256 * 1024 + n) for n in range(30)}
     media.content.update(audio)
     media.default = Plan(fast=0, rate=512 * 1024)  # about half a second a recording
     app = web()
@@ -662,7 +664,7 @@ def test_s3_down_is_retried_with_the_error_visible_then_archived_once_it_is_back
 ) -> None:
     s3 = boto3.client("s3", endpoint_url=own_moto.endpoint)
     bucket = versioned(s3, make_bucket(own_moto.endpoint))
-    audio = os.urandom(2 * MiB)
+    audio = mp3_bytes(2 * MiB)
     queue(web(archive_url=f"s3://{bucket}/a"), plivo, "s3-down", audio)
     # Down before the worker ever connects: a stopped moto would go on answering on keep-alive
     # connections it had already accepted.
@@ -843,12 +845,12 @@ def test_worker_rides_out_a_database_outage_and_archives_once_it_is_back(
     worker = processes.worker(
         "worker", env(f"s3://{bucket}/a", DATABASE_URL=through(proxy, database_url))
     )
-    before = os.urandom(100_000)
+    before = mp3_bytes(100_000)
     queue(app, plivo, "db-before", before)
     wait_for(lambda: rows.status("db-before") == Status.ARCHIVED, 30, "archived before")
 
     proxy.close()
-    during = os.urandom(3 * MiB)
+    during = mp3_bytes(3 * MiB)
     queue(app, plivo, "db-during", during)
     wait_for(lambda: "database unavailable" in worker.output(), 20, "the outage noticed")
     assert worker.running
@@ -870,14 +872,9 @@ def test_worker_rides_out_a_database_outage_and_archives_once_it_is_back(
 
 # --- 7: media host faults through a worker process ---------------------------------------------
 
-# The worker's read timeout is a module constant (60 s): this worker is the same `webhook worker`
-# entry point with it shortened, so that a stall "past the read timeout" costs seconds.
-READ_TIMEOUT = 1.5
-SHORT_TIMEOUT_WORKER = (
-    "python -c 'from webhook.archive import media; "
-    f"media.TIMEOUT = (5.0, {READ_TIMEOUT}); "
-    "from webhook.cli import main; main()' worker"
-)
+# A read timeout of a second (MEDIA_READ_TIMEOUT_SECONDS), so that a stall "past the read timeout"
+# costs seconds.
+READ_TIMEOUT = 1
 
 
 @pytest.mark.e2e
@@ -887,7 +884,7 @@ def test_media_host_faults_end_archived_or_failed_with_the_reason(
     versioned(s3, bucket)
     app = web()
     audio = {
-        name: os.urandom(200_000) for name in ("not-yet", "stalls", "moved", "forged", "broken")
+        name: mp3_bytes(200_000) for name in ("not-yet", "stalls", "moved", "forged", "broken")
     }
     plivo.stall_seconds = READ_TIMEOUT + 2
     plivo.media_faults.update(
@@ -904,8 +901,13 @@ def test_media_host_faults_end_archived_or_failed_with_the_reason(
     media.content.update({"moved": audio["moved"], "forged": audio["forged"]})
     for recording_id, content in audio.items():
         queue(app, plivo, recording_id, content)
-    worker = processes.start(
-        "worker", SHORT_TIMEOUT_WORKER, env(f"s3://{bucket}/a", ARCHIVE_MAX_ATTEMPTS="5")
+    worker = processes.worker(
+        "worker",
+        env(
+            f"s3://{bucket}/a",
+            ARCHIVE_MAX_ATTEMPTS="5",
+            MEDIA_READ_TIMEOUT_SECONDS=str(READ_TIMEOUT),
+        ),
     )
 
     def settled() -> bool:
@@ -1064,3 +1066,253 @@ def test_replays_and_garbage_through_gunicorn(
     assert rows.count(CallbackLog, CallbackLog.recording_id == "replayed") == 1
     assert gunicorn.running
     assert "Traceback" not in gunicorn.output()
+
+
+# --- hostile media hosts and poison jobs through a worker process -------------------------------
+
+
+class _HostileHandler(BaseHTTPRequestHandler):
+    """Media answers an attacker (or a broken host) would give, one per file name."""
+
+    stopping: threading.Event
+    arrived: list[str]
+    protocol_version = "HTTP/1.0"  # close-delimited bodies: an endless one needs no length
+    timeout = 30
+
+    def do_GET(self) -> None:
+        kind = self.path.rsplit("/", 1)[-1].split("-", 1)[0].removesuffix(".mp3")
+        self.arrived.append(kind)
+        try:
+            getattr(self, f"_{kind}")()
+        except OSError:
+            return  # the worker hung up, as it should
+
+    def _head(self, content_type: str = "audio/mpeg", length: int | None = None) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        if length is not None:
+            self.send_header("Content-Length", str(length))
+        self.end_headers()
+
+    def _good(self) -> None:
+        body = MP3_TAG + b"good audio"
+        self._head(length=len(body))
+        self.wfile.write(body)
+
+    def _trickle(self) -> None:
+        # A byte every half second: never long enough between bytes for the read timeout
+        # (1 s here, as one byte every 5 s is against the default minute).
+        self._head(length=100_000)
+        self.wfile.write(MP3_TAG)
+        while not self.stopping.wait(0.5):
+            self.wfile.write(b"\0")
+            self.wfile.flush()
+
+    def _hold(self) -> None:
+        self._head(length=100_000)
+        self.wfile.write(MP3_TAG + b"\0" * 6)
+        self.wfile.flush()
+        self.stopping.wait()
+
+    def _slow(self) -> None:
+        # Steady at 40 KB/s, above the minimum rate, but 400 KB take ten seconds.
+        self._head(length=len(MP3_TAG) + 400_000)
+        self.wfile.write(MP3_TAG)
+        for _ in range(200):
+            if self.stopping.wait(0.05):
+                return
+            self.wfile.write(b"\0" * 2000)
+
+    def _endless(self) -> None:
+        self._head()
+        self.wfile.write(MP3_TAG)
+        chunk = b"\0" * (256 * 1024)
+        while not self.stopping.is_set():
+            self.wfile.write(chunk)
+
+    def _huge(self) -> None:
+        self._head(length=10 * 1024**3)
+        self.wfile.write(MP3_TAG + b"\0" * 1000)
+
+    def _html(self) -> None:
+        body = b"<html><body>502 Bad Gateway</body></html>"
+        self._head("text/html; charset=utf-8", len(body))
+        self.wfile.write(body)
+
+    def _octet(self) -> None:
+        body = b"<html><body>Access denied</body></html>"
+        self._head("application/octet-stream", len(body))
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Quiet."""
+
+
+@dataclass
+class HostileHost:
+    port: int
+    arrived: list[str]
+
+    def url(self, recording_id: str) -> str:
+        return f"http://127.0.0.1:{self.port}/media/{recording_id}.mp3"
+
+
+@pytest.fixture
+def hostile() -> Iterator[HostileHost]:
+    stopping = threading.Event()
+    arrived: list[str] = []
+    handler = type("Handler", (_HostileHandler,), {"stopping": stopping, "arrived": arrived})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    yield HostileHost(int(server.server_address[1]), arrived)
+    stopping.set()
+    server.shutdown()
+    thread.join()
+    server.server_close()
+
+
+def queue_at(
+    app: Flask, plivo: FakePlivo, recording_id: str, record_url: str, duration_ms: int | None
+) -> None:
+    """Deliver a recording's signed callback naming `record_url`; without `duration_ms`, a
+    Conference XML callback without durations, and Plivo's Recording API knows none either."""
+    params = plivo.finish_recording(recording_id, b"", duration_ms=duration_ms or 5000)
+    if duration_ms is None:
+        params = {
+            "RecordUrl": record_url,
+            "RecordingID": recording_id,
+            "ConferenceName": params["conference_name"],
+            "RecordingStartMs": params["recording_start_ms"],
+        }
+        plivo.recordings[recording_id]["recording_duration_ms"] = None
+        plivo.recordings[recording_id]["recording_end_ms"] = None
+    else:
+        params["record_url"] = record_url
+    response = post_callback(app.test_client(), plivo, params)
+    assert response.status_code == 200, response.get_json()
+
+
+# Small bounds, so that each hostile answer costs a second or two.
+HOSTILE_MEDIA_ENV = {
+    "MEDIA_READ_TIMEOUT_SECONDS": "1",
+    "MEDIA_MIN_BYTES_PER_SECOND": "10000",
+    "MEDIA_DEADLINE_SECONDS": "4",
+    "MEDIA_MAX_BYTES": str(12 * MiB),
+    "ARCHIVE_MAX_ATTEMPTS": "1",
+}
+
+
+@pytest.mark.e2e
+def test_hostile_media_fails_each_job_with_its_reason_and_the_queue_moves_on(
+    web, env, processes, hostile, plivo, rows, s3, bucket
+) -> None:
+    versioned(s3, bucket)
+    app = web()
+    jobs = {
+        "trickle": 5000,
+        "slow": 20_000,
+        # Two minutes of mp3 may be 10.6 MB here: more than a part, so a multipart upload starts.
+        "endless": 120_000,
+        "endless-unknown": None,  # no duration anywhere: MEDIA_MAX_BYTES (12 MiB) applies
+        "huge": 5000,
+        "html": 5000,
+        "octet": 5000,
+        "good": 5000,
+    }
+    for recording_id, duration_ms in jobs.items():
+        queue_at(app, plivo, recording_id, hostile.url(recording_id), duration_ms)
+    started = time.monotonic()
+    worker = processes.worker("worker", env(f"s3://{bucket}/a", **HOSTILE_MEDIA_ENV))
+
+    wait_for(
+        lambda: all(rows.status(r) in (Status.ARCHIVED, Status.FAILED) for r in jobs),
+        40,
+        "every job settled",
+        interval=0.2,
+    )
+    took = time.monotonic() - started
+    assert worker.running, worker.output()
+
+    def reason(recording_id: str) -> str:
+        row = rows.recording(recording_id)
+        assert row.status == Status.FAILED, (recording_id, row.last_error)
+        assert row.archive_sha256 is None and row.archived_at is None
+        assert object_versions(s3, bucket, str(row.archive_key)) == []
+        return row.last_error or ""
+
+    assert "too slow" in reason("trickle")
+    assert "MEDIA_DEADLINE_SECONDS" in reason("slow")
+    for endless in ("endless", "endless-unknown"):
+        assert reason(endless).startswith("refused: media host sent more than")
+    assert "more than 12582912 bytes (MEDIA_MAX_BYTES" in reason("endless-unknown")
+    assert "(the most 120 s of mp3 can take)" in reason("endless")
+    assert reason("huge").startswith("refused: media host announced 10737418240 bytes")
+    assert reason("html").startswith("refused: media host sent Content-Type text/html")
+    assert "not mp3 audio" in reason("octet")
+    assert open_uploads(s3, bucket) == []
+    assert_archived_once(rows, s3, bucket, "good", MP3_TAG + b"good audio")
+    # Bounded by the settings, not by the hosts' patience (about 1 + 4 + a few s of work).
+    assert took < 25, f"the queue took {took:.1f} s"
+
+
+@pytest.mark.e2e
+def test_sigterm_stops_the_worker_promptly_while_a_media_read_is_stalled(
+    web, env, processes, hostile, plivo, rows, bucket
+) -> None:
+    queue_at(web(), plivo, "hold", hostile.url("hold"), 5000)
+    # The default bounds: a read timeout of a minute, so only the stop itself can end the read.
+    worker = processes.worker("worker", env(f"s3://{bucket}/a"))
+    wait_for(lambda: "hold" in hostile.arrived, 30, "the download started")
+    time.sleep(0.5)  # well inside the blocked read
+
+    stopped_at = time.monotonic()
+    kill(worker, signal.SIGTERM)
+    code = worker.popen.wait(timeout=70)
+    took = time.monotonic() - stopped_at
+
+    assert code == 0, worker.output()
+    assert took < 3, f"the worker took {took:.1f} s to stop after SIGTERM"
+    row = rows.recording("hold")
+    assert row.status == Status.PENDING
+    assert row.attempts == 0
+    assert row.lease_token is None
+    assert "released on shutdown" in worker.output()
+
+
+@pytest.mark.e2e
+def test_poison_jobs_fail_with_their_reason_and_the_worker_goes_on(
+    web, env, processes, media, plivo, rows, bucket
+) -> None:
+    app = web()
+    # A wildcard entry lets through a name the resolver cannot even encode.
+    queue(app, plivo, "bad-host", MP3_TAG, "https://a..plivo.com/x.mp3")
+    # Durations Plivo's Recording API reports for callbacks that carried none.
+    for recording_id, duration in (("inf-duration", "1e400"), ("huge-duration", "1e30")):
+        queue_at(app, plivo, recording_id, media.url(recording_id), None)
+        plivo.recordings[recording_id]["recording_duration_ms"] = duration
+    media.content["after"] = MP3_TAG + b"after the poison"
+    queue(app, plivo, "after", media.content["after"], media.url("after"))
+    worker = processes.worker(
+        "worker", env(f"s3://{bucket}/a", RECORDING_HOSTS="127.0.0.1,*.plivo.com")
+    )
+
+    wait_for(
+        lambda: rows.status("after") in (Status.ARCHIVED, Status.FAILED) or not worker.running,
+        30,
+        "the job after the poison settled",
+        interval=0.2,
+    )
+    assert worker.running, worker.output()
+    assert rows.status("after") == Status.ARCHIVED
+    bad_host = rows.recording("bad-host")
+    assert bad_host.status == Status.FAILED
+    assert "a..plivo.com" in (bad_host.last_error or "")
+    assert "not a valid host name" in (bad_host.last_error or "")
+    for recording_id in ("inf-duration", "huge-duration"):
+        row = rows.recording(recording_id)
+        assert row.status == Status.FAILED, (recording_id, row.last_error)
+        assert "recording_duration_ms" in (row.last_error or "")
+        assert row.duration_ms is None
+    assert media.requests_for("inf-duration") == []

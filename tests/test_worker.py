@@ -5,9 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import gzip
 import hashlib
-import io
 import itertools
-import os
 import socket
 import threading
 import time
@@ -16,17 +14,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import requests
 from flask import Flask
-from requests.adapters import BaseAdapter
 from sqlalchemy import select, update
 from werkzeug.serving import make_server
 
-from tests.conftest import AppFactory, make_settings, post_callback
+from tests.conftest import MP3_TAG, AppFactory, make_settings, mp3_bytes, post_callback
 from tests.fakeplivo import FakePlivo
 from webhook import services
-from webhook.archive import media
-from webhook.archive.media import RefusedURL, check_url, open_media
+from webhook.archive.media import RefusedURL, check_url
+from webhook.archive.reconcile import reconcile
 from webhook.archive.worker import MAX_RETRY_DELAY, Worker, retry_delay
 from webhook.config import Settings
 from webhook.db import transaction
@@ -83,7 +79,7 @@ def expected_key(prefix: str, params: dict[str, str]) -> str:
 
 
 def test_queued_recording_is_archived_to_the_local_folder(app, plivo) -> None:
-    audio = os.urandom(300_000)
+    audio = mp3_bytes(300_000)
     params = queue(app, plivo, "rec-local", audio)
 
     assert Worker(services(app)).run(once=True) == 1
@@ -111,7 +107,7 @@ def test_queued_recording_is_archived_to_the_local_folder(app, plivo) -> None:
 def test_queued_recording_is_archived_to_s3_under_the_prefix(make_app, plivo, s3, bucket) -> None:
     s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
     app = make_app(f"s3://{bucket}/prefix")
-    audio = os.urandom(250_000)
+    audio = mp3_bytes(250_000)
     params = queue(app, plivo, "rec-s3", audio)
 
     assert Worker(services(app)).run(once=True) == 1
@@ -141,7 +137,7 @@ def test_recording_above_the_part_size_streams_into_s3_multipart(
     from webhook.archive.storage import PART_SIZE
 
     app = make_app(f"s3://{bucket}")
-    audio = os.urandom(PART_SIZE + 1024 * 1024 + 7)
+    audio = mp3_bytes(PART_SIZE + 1024 * 1024 + 7)
     queue(app, plivo, "rec-big", audio)
 
     assert Worker(services(app)).run(once=True) == 1
@@ -164,7 +160,7 @@ def test_s3_archive_with_object_lock_sets_retention_from_the_end_time(
 
     locked = make_bucket(s3_endpoint, object_lock=True)
     app = make_app(f"s3://{locked}", RETENTION_DAYS="2555", OBJECT_LOCK_MODE="COMPLIANCE")
-    params = queue(app, plivo, "rec-locked", b"locked audio")
+    params = queue(app, plivo, "rec-locked", MP3_TAG + b"locked audio")
 
     assert Worker(services(app)).run(once=True) == 1
 
@@ -178,7 +174,9 @@ def test_s3_archive_with_object_lock_sets_retention_from_the_end_time(
 
 
 def test_missing_durations_are_filled_from_plivo_recording_api(app, plivo) -> None:
-    params = plivo.finish_recording("rec-camel", b"camel audio", duration_ms=7250, scheme="camel")
+    params = plivo.finish_recording(
+        "rec-camel", MP3_TAG + b"camel audio", duration_ms=7250, scheme="camel"
+    )
     for name in ("RecordingDuration", "RecordingDurationMs", "RecordingEndMs"):
         del params[name]
     assert post_callback(app.test_client(), plivo, params).status_code == 200
@@ -203,7 +201,7 @@ def test_missing_durations_are_filled_from_plivo_recording_api(app, plivo) -> No
 
 
 def test_media_server_error_is_retried_then_archived(app, plivo) -> None:
-    audio = os.urandom(5000)
+    audio = mp3_bytes(5000)
     queue(app, plivo, "rec-500", audio)
     plivo.media_faults["rec-500"] = ["500"]
 
@@ -218,7 +216,7 @@ def test_media_server_error_is_retried_then_archived(app, plivo) -> None:
 
 
 def test_media_404_on_every_attempt_ends_failed(app, plivo) -> None:
-    queue(app, plivo, "rec-404", b"never served")
+    queue(app, plivo, "rec-404", MP3_TAG + b"never served")
     plivo.media_faults["rec-404"] = ["404", "404", "404"]
 
     assert Worker(services(app)).run(once=True) == 3
@@ -236,7 +234,7 @@ def test_media_404_on_every_attempt_ends_failed(app, plivo) -> None:
 
 
 def test_truncated_media_is_not_archived_and_is_retried(app, plivo) -> None:
-    audio = os.urandom(1024 * 1024)
+    audio = mp3_bytes(1024 * 1024)
     params = queue(app, plivo, "rec-cut", audio)
     plivo.media_faults["rec-cut"] = ["truncate"]
     worker = Worker(services(app))
@@ -264,10 +262,10 @@ def test_truncated_media_is_not_archived_and_is_retried(app, plivo) -> None:
     assert key_path.read_bytes() == audio
 
 
-def test_stalled_media_times_out_and_is_retried(app, plivo, monkeypatch) -> None:
-    monkeypatch.setattr(media, "TIMEOUT", (2.0, 0.3))
-    plivo.stall_seconds = 2.0
-    audio = os.urandom(2000)
+def test_stalled_media_times_out_and_is_retried(make_app, plivo) -> None:
+    app = make_app(MEDIA_READ_TIMEOUT_SECONDS="1")
+    plivo.stall_seconds = 2.5
+    audio = mp3_bytes(2000)
     queue(app, plivo, "rec-stall", audio)
     plivo.media_faults["rec-stall"] = ["stall"]
     worker = Worker(services(app))
@@ -288,7 +286,7 @@ def test_stalled_media_times_out_and_is_retried(app, plivo, monkeypatch) -> None
 
 
 def test_redirect_to_the_same_allowed_host_is_followed(app, plivo) -> None:
-    audio = os.urandom(4000)
+    audio = mp3_bytes(4000)
     queue(app, plivo, "rec-moved", audio)
     plivo.finish_recording("rec-real", audio)
     plivo.media_faults["rec-moved"] = [f"redirect:{plivo.media_url('rec-real')}"]
@@ -314,8 +312,8 @@ def test_redirect_to_a_host_not_allowed_fails_permanently_without_a_request(
     app, plivo, target
 ) -> None:
     port = plivo.url.rsplit(":", 1)[1]
-    queue(app, plivo, "rec-redir", b"audio")
-    plivo.finish_recording("rec-evil", b"not to be fetched")
+    queue(app, plivo, "rec-redir", MP3_TAG + b"audio")
+    plivo.finish_recording("rec-evil", MP3_TAG + b"not to be fetched")
     plivo.media_faults["rec-redir"] = [f"redirect:{target.format(port=port)}"]
 
     assert Worker(services(app)).run(once=True) == 1
@@ -330,7 +328,7 @@ def test_redirect_to_a_host_not_allowed_fails_permanently_without_a_request(
 
 def test_record_url_on_a_host_not_allowed_fails_refused_without_a_request(app, plivo) -> None:
     port = plivo.url.rsplit(":", 1)[1]
-    plivo.finish_recording("rec-elsewhere", b"audio")
+    plivo.finish_recording("rec-elsewhere", MP3_TAG + b"audio")
     # The fake answers on localhost too, but only 127.0.0.1 is in RECORDING_HOSTS.
     queue_url(app, "rec-elsewhere", f"http://localhost:{port}/media/rec-elsewhere.mp3")
 
@@ -428,7 +426,7 @@ def test_recording_without_record_url_fails_permanently(app) -> None:
 
 
 def test_media_host_never_gets_plivo_credentials_over_plain_http(app, plivo) -> None:
-    queue(app, plivo, "rec-noauth", b"audio")
+    queue(app, plivo, "rec-noauth", MP3_TAG + b"audio")
 
     Worker(services(app)).run(once=True)
 
@@ -534,73 +532,6 @@ def test_loopback_name_is_allowed_only_when_that_host_is_listed(settings, resolv
         check_url(url, settings)
 
 
-class RecordingAdapter(BaseAdapter):
-    """A requests transport that answers from a table and remembers what was sent where."""
-
-    def __init__(self, routes: dict[str, tuple[int, dict[str, str], bytes]]) -> None:
-        super().__init__()
-        self.routes = routes
-        self.sent: list[tuple[str, str | None]] = []
-
-    def send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:
-        self.sent.append((str(request.url), request.headers.get("Authorization")))
-        status, headers, body = self.routes[str(request.url)]
-        response = requests.Response()
-        response.status_code = status
-        response.headers.update(headers)
-        response.raw = io.BytesIO(body)
-        response.url = str(request.url)
-        response.request = request
-        return response
-
-    def close(self) -> None:
-        pass
-
-
-def open_with(settings: Settings, url: str, routes: dict) -> tuple[bytes, RecordingAdapter]:
-    adapter = RecordingAdapter(routes)
-    http = requests.Session()
-    http.mount("http://", adapter)
-    http.mount("https://", adapter)
-    with open_media(url, settings, http=http) as response:
-        return response.raw.read(), adapter
-
-
-def test_plivo_credentials_go_only_to_plivo_media_over_https(settings) -> None:
-    hosts = settings.replace(
-        recording_hosts=("media.plivo.com", "cdn.example.test"), recording_hosts_listed=True
-    )
-    plivo_url = "https://media.plivo.com/v1/Account/X/Recording/r.mp3"
-    other_url = "https://cdn.example.test/r.mp3"
-    routes = {
-        plivo_url: (302, {"Location": other_url}, b""),
-        other_url: (200, {}, b"audio"),
-        "http://media.plivo.com/r.mp3": (200, {}, b"audio"),
-    }
-
-    body, adapter = open_with(hosts, plivo_url, routes)
-
-    assert body == b"audio"
-    (first_url, first_auth), (second_url, second_auth) = adapter.sent
-    assert first_url == plivo_url
-    assert first_auth is not None and first_auth.startswith("Basic ")
-    # The redirect leads elsewhere: the credentials do not follow it.
-    assert second_url == other_url
-    assert second_auth is None
-
-    _, adapter = open_with(hosts, other_url, routes)
-    assert adapter.sent == [(other_url, None)]
-    # Plivo's own host, but without TLS: no credentials in clear.
-    _, adapter = open_with(hosts, "http://media.plivo.com/r.mp3", routes)
-    assert adapter.sent == [("http://media.plivo.com/r.mp3", None)]
-
-
-def test_too_many_redirects_are_a_retryable_media_error(settings) -> None:
-    loop = "http://127.0.0.1/loop.mp3"
-    with pytest.raises(media.MediaError, match="redirects"):
-        open_with(settings, loop, {loop: (302, {"Location": loop}, b"")})
-
-
 # --- backoff ------------------------------------------------------------------------------------
 
 
@@ -626,7 +557,7 @@ def test_retry_delay_doubles_with_each_attempt_and_is_capped() -> None:
 
 def test_failed_attempt_waits_before_the_next_one(make_app, plivo) -> None:
     app = make_app(ARCHIVE_RETRY_BASE_SECONDS="30")
-    queue(app, plivo, "rec-wait", b"audio")
+    queue(app, plivo, "rec-wait", MP3_TAG + b"audio")
     plivo.media_faults["rec-wait"] = ["500"]
     before = utcnow()
 
@@ -649,8 +580,8 @@ def test_failed_attempt_waits_before_the_next_one(make_app, plivo) -> None:
 
 
 def test_two_claims_take_two_different_jobs(app, plivo) -> None:
-    queue(app, plivo, "rec-a", b"a")
-    queue(app, plivo, "rec-b", b"b")
+    queue(app, plivo, "rec-a", MP3_TAG + b"a")
+    queue(app, plivo, "rec-b", MP3_TAG + b"b")
     worker = Worker(services(app))
 
     first, second = worker.claim(), worker.claim()
@@ -664,7 +595,7 @@ def test_two_claims_take_two_different_jobs(app, plivo) -> None:
 
 
 def test_claimed_job_waits_for_its_lease_then_the_late_worker_is_ignored(app, plivo) -> None:
-    audio = os.urandom(3000)
+    audio = mp3_bytes(3000)
     queue(app, plivo, "rec-lease", audio)
     first, second = Worker(services(app)), Worker(services(app))
 
@@ -703,7 +634,7 @@ def test_claimed_job_waits_for_its_lease_then_the_late_worker_is_ignored(app, pl
 def test_long_download_keeps_extending_its_lease(make_app, plivo) -> None:
     app = make_app(ARCHIVE_LEASE_SECONDS="5")  # extended every 5/3 s while the job runs
     plivo.stall_seconds = 3.5
-    queue(app, plivo, "rec-long", b"slow audio")
+    queue(app, plivo, "rec-long", MP3_TAG + b"slow audio")
     plivo.media_faults["rec-long"] = ["stall"]
     worker = Worker(services(app))
     job = worker.claim()
@@ -728,7 +659,7 @@ def test_long_download_keeps_extending_its_lease(make_app, plivo) -> None:
 def test_worker_that_lost_its_lease_mid_download_leaves_the_job_alone(make_app, plivo) -> None:
     app = make_app(ARCHIVE_LEASE_SECONDS="5")
     plivo.stall_seconds = 2.5
-    queue(app, plivo, "rec-stolen", b"audio")
+    queue(app, plivo, "rec-stolen", MP3_TAG + b"audio")
     plivo.media_faults["rec-stolen"] = ["stall"]
     worker = Worker(services(app))
     job = worker.claim()
@@ -761,7 +692,7 @@ class StopAfter(threading.Event):
 
 
 def test_worker_stopped_mid_stream_gives_the_job_back_uncounted(app, plivo) -> None:
-    audio = os.urandom(4 * 1024 * 1024)
+    audio = mp3_bytes(4 * 1024 * 1024)
     queue(app, plivo, "rec-stop", audio)
     stop = StopAfter(calls=3)  # two 1 MiB reads go through, the third is refused
     worker = Worker(services(app), stop)
@@ -786,7 +717,7 @@ def test_worker_stopped_mid_stream_gives_the_job_back_uncounted(app, plivo) -> N
 
 
 def test_job_claimed_again_after_its_last_attempt_died_is_failed(app, plivo) -> None:
-    queue(app, plivo, "rec-dead", b"audio")
+    queue(app, plivo, "rec-dead", MP3_TAG + b"audio")
     set_row(app, "rec-dead", attempts=services(app).settings.archive_max_attempts)
 
     assert Worker(services(app)).run(once=True) == 1
@@ -803,7 +734,7 @@ def test_job_claimed_again_after_its_last_attempt_died_is_failed(app, plivo) -> 
 # On PostgreSQL the claims race through FOR UPDATE SKIP LOCKED; on SQLite the claiming UPDATE
 # takes the database's single write lock, so the same promise holds there too.
 def test_four_workers_archive_every_recording_exactly_once(app, plivo) -> None:
-    audio = {f"rec-{n:02d}": os.urandom(1000 + n) for n in range(40)}
+    audio = {f"rec-{n:02d}": mp3_bytes(1000 + n) for n in range(40)}
     for recording_id, content in audio.items():
         queue(app, plivo, recording_id, content)
     done: list[int] = []
@@ -854,8 +785,8 @@ def test_a_running_worker_archives_recordings_whose_callbacks_were_lost(
     make_app: AppFactory, plivo: FakePlivo
 ) -> None:
     app = make_app(RECONCILE_INTERVAL_SECONDS="3600")
-    plivo.finish_recording("lost-1", b"never called back", conference_name="Room 9")
-    queue(app, plivo, "called-1", b"called back")
+    plivo.finish_recording("lost-1", MP3_TAG + b"never called back", conference_name="Room 9")
+    queue(app, plivo, "called-1", MP3_TAG + b"called back")
 
     def both_archived() -> bool:
         with services(app).sessions() as session:
@@ -865,7 +796,7 @@ def test_a_running_worker_archives_recordings_whose_callbacks_were_lost(
     run_worker_until(app, both_archived)
     lost = row(app, "lost-1")
     assert lost.status == Status.ARCHIVED and lost.attempts == 1
-    assert lost.archive_sha256 == hashlib.sha256(b"never called back").hexdigest()
+    assert lost.archive_sha256 == hashlib.sha256(MP3_TAG + b"never called back").hexdigest()
     assert lost.conference_name == "Room 9"
     assert row(app, "called-1").attempts == 1
     assert len(archive_files(app)) == 2
@@ -874,7 +805,7 @@ def test_a_running_worker_archives_recordings_whose_callbacks_were_lost(
 def test_reconcile_is_off_with_interval_zero_and_in_once_mode(
     make_app: AppFactory, plivo: FakePlivo
 ) -> None:
-    plivo.finish_recording("lost-2", b"never called back")
+    plivo.finish_recording("lost-2", MP3_TAG + b"never called back")
     off = make_app(RECONCILE_INTERVAL_SECONDS="0")
     run_worker_until(off, lambda: False, seconds=1.5)
     on = make_app(RECONCILE_INTERVAL_SECONDS="3600")
@@ -889,3 +820,68 @@ def test_of_several_workers_exactly_one_takes_each_turn_of_a_chore(make_app: App
     assert [w._turn_is_ours("test-chore", 3600) for w in workers] == [True, False, False, False]
     assert not workers[0]._turn_is_ours("test-chore", 3600)
     assert workers[1]._turn_is_ours("other-chore", 3600)
+
+
+# --- poison jobs --------------------------------------------------------------------------------
+
+
+def test_an_unexpected_error_in_one_job_is_logged_and_retried_and_the_next_job_runs(
+    app, plivo, monkeypatch, caplog
+) -> None:
+    queue(app, plivo, "rec-bug", mp3_bytes(1000))
+    queue(app, plivo, "rec-fine", mp3_bytes(1000))
+    storage = services(app).storage
+    real_put = storage.put
+
+    def put(key: str, *args: Any) -> Any:
+        if "rec-bug" in key:
+            raise KeyError("a bug nobody foresaw")
+        return real_put(key, *args)
+
+    monkeypatch.setattr(storage, "put", put)
+    worker = Worker(services(app))
+    bug = worker.claim()
+    assert bug is not None and bug.recording_id == "rec-bug"
+    worker.process(bug)
+
+    recording = row(app, "rec-bug")
+    assert recording.status == Status.PENDING
+    assert recording.attempts == 1
+    assert recording.last_error == "unexpected error: KeyError: 'a bug nobody foresaw'"
+    (logged,) = [r for r in caplog.records if r.getMessage() == "unexpected error in job"]
+    assert logged.exc_info is not None and logged.exc_info[0] is KeyError
+
+    assert worker.run(once=True) >= 1
+    assert row(app, "rec-fine").status == Status.ARCHIVED
+
+
+@pytest.mark.parametrize("duration", ["1e400", "1e30", "Infinity", "-5", "12 minutes"])
+def test_a_bad_duration_from_plivo_recording_api_fails_the_job_naming_the_field(
+    app, plivo, duration
+) -> None:
+    params = plivo.finish_recording("rec-api", mp3_bytes(1000), scheme="camel")
+    for name in ("RecordingDuration", "RecordingDurationMs", "RecordingEndMs"):
+        del params[name]
+    assert post_callback(app.test_client(), plivo, params).status_code == 200
+    plivo.recordings["rec-api"]["recording_duration_ms"] = duration
+
+    assert Worker(services(app)).run(once=True) == 1
+
+    recording = row(app, "rec-api")
+    assert recording.status == Status.FAILED
+    assert (recording.last_error or "").startswith("Plivo's Recording API: recording_duration_ms")
+    assert recording.duration_ms is None
+    assert media_paths(plivo) == []
+
+
+def test_reconcile_skips_a_recording_whose_plivo_duration_is_absurd(app, plivo) -> None:
+    plivo.finish_recording("rec-absurd", mp3_bytes(1000))
+    plivo.finish_recording("rec-sane", mp3_bytes(1000))
+    plivo.recordings["rec-absurd"]["recording_duration_ms"] = "1e400"
+    warnings: list[str] = []
+
+    result = reconcile(services(app), warn=warnings.append)
+
+    assert (result.queued, result.skipped) == (1, 1)
+    assert "recording_duration_ms" in warnings[0]
+    assert row(app, "rec-sane").status == Status.PENDING

@@ -77,6 +77,10 @@ class Settings:
     presign_seconds: int
     console_idle_minutes: float
     trusted_proxy_hops: int
+    media_max_bytes: int
+    media_deadline_seconds: int
+    media_read_timeout_seconds: int
+    media_min_bytes_per_second: int
     auto_record: tuple[str, ...] = ()
     auto_record_interval_seconds: int = 30
     recording_notice_text: str | None = None
@@ -121,6 +125,10 @@ class Settings:
             presign_seconds=min(_int(env, "PRESIGN_SECONDS", 60, minimum=1) or 60, 300),
             console_idle_minutes=_console_idle_minutes(env),
             trusted_proxy_hops=_trusted_proxy_hops(env),
+            media_max_bytes=_int(env, "MEDIA_MAX_BYTES", 2 * 1024**3, minimum=1024) or 0,
+            media_deadline_seconds=_int(env, "MEDIA_DEADLINE_SECONDS", 3600, minimum=1) or 0,
+            media_read_timeout_seconds=_int(env, "MEDIA_READ_TIMEOUT_SECONDS", 60, minimum=1) or 0,
+            media_min_bytes_per_second=_int(env, "MEDIA_MIN_BYTES_PER_SECOND", 32768) or 0,
             **_policy(env, public_url),
         )
 

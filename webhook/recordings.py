@@ -72,7 +72,15 @@ def _text(fields: Mapping[str, str], name: str, limit: int, required: bool = Fal
 def _number_ms(
     fields: Mapping[str, str], name: str, scale: int, bounds: tuple[int, int]
 ) -> int | None:
-    raw = (fields.get(name) or "").strip()
+    return parse_ms(name, fields.get(name) or "", scale, bounds)
+
+
+def parse_ms(name: str, text: str, scale: int, bounds: tuple[int, int]) -> int | None:
+    """A Plivo number (`"345100.00000"`) times `scale` as an int within `bounds`, or None if empty.
+
+    Anything else (not a number, infinite, huge, out of range) raises BadParameter naming `name`.
+    """
+    raw = text.strip()
     if not raw:
         return None
     try:

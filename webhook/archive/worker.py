@@ -21,13 +21,13 @@ from sqlalchemy.exc import DBAPIError
 
 from webhook import policy
 from webhook.archive.deletion import DELETE_EVERY_SECONDS, delete_from_plivo
-from webhook.archive.media import MediaError, RefusedURL, open_media
+from webhook.archive.media import MediaError, RefusedMedia, RefusedURL, media_limits, open_media
 from webhook.archive.reconcile import reconcile
 from webhook.archive.storage import HashingReader, Interrupted, StorageError, StoredObject
 from webhook.db import rowcount, transaction
-from webhook.errors import PlivoError
+from webhook.errors import BadParameter, PlivoError
 from webhook.models import Recording, Schedule, Status, utcnow
-from webhook.recordings import insert_ignoring_conflict
+from webhook.recordings import EPOCH_MS_RANGE, MAX_DURATION_MS, insert_ignoring_conflict, parse_ms
 
 if TYPE_CHECKING:
     from webhook import Services
@@ -227,8 +227,11 @@ class Worker:
         try:
             job = self._complete_metadata(job)
             stored = self._copy(job, lambda: self.stop.is_set() or keeper.lost)
-        except RefusedURL as exc:
+        except (RefusedURL, RefusedMedia) as exc:
             self._fail_or_retry(job, f"refused: {exc}", permanent=True)
+            return
+        except BadParameter as exc:
+            self._fail_or_retry(job, f"Plivo's Recording API: {exc.message}", permanent=True)
             return
         except Interrupted:
             if keeper.lost:
@@ -245,6 +248,14 @@ class Worker:
             return
         except RETRYABLE as exc:
             self._fail_or_retry(job, f"{type(exc).__name__}: {exc}"[:2000])
+            return
+        except DBAPIError:
+            raise  # the outcome cannot be written now: the lease expires and the job is retaken
+        except Exception as exc:
+            # A bug or an input nobody foresaw: one job must not end the worker. The traceback
+            # goes to the log, the job to its retries (then `failed`), and the loop goes on.
+            log.exception("unexpected error in job", extra={"recording_id": job.recording_id})
+            self._fail_or_retry(job, f"unexpected error: {type(exc).__name__}: {exc}"[:2000])
             return
         finally:
             keeper.stop()
@@ -282,19 +293,15 @@ class Worker:
 
     def _copy(self, job: Job, interrupted: Callable[[], bool]) -> StoredObject:
         assert job.record_url is not None
-        response = open_media(job.record_url, self.settings)
-        with response:
-            reader = HashingReader(response.raw.read, interrupted=interrupted)
-            stored = self.services.storage.put(
+        limits = media_limits(job.file_format, job.duration_ms, self.settings)
+        with open_media(job.record_url, self.settings, limits, interrupted) as download:
+            reader = HashingReader(download.read, interrupted=interrupted)
+            return self.services.storage.put(
                 job.archive_key,
                 reader,
                 CONTENT_TYPES.get(job.file_format or "", "application/octet-stream"),
                 self._retain_until(job),
             )
-        expected = response.headers.get("Content-Length")
-        if expected is not None and expected.isdigit() and int(expected) != stored.size:
-            raise MediaError(f"media host promised {expected} bytes and sent {stored.size}")
-        return stored
 
     def _complete_metadata(self, job: Job) -> Job:
         """Fill durations and times the callback did not carry from Plivo's Recording API."""
@@ -310,15 +317,13 @@ class Worker:
             )
             return job
         values: dict[str, int] = {}
-        for field, column in (
-            ("recording_duration_ms", "duration_ms"),
-            ("recording_end_ms", "end_ms"),
+        for field, column, bounds in (
+            ("recording_duration_ms", "duration_ms", (0, MAX_DURATION_MS)),
+            ("recording_end_ms", "end_ms", EPOCH_MS_RANGE),
         ):
+            # The same parser and bounds as the callback's: a bad value raises BadParameter.
             raw = details.get(field)
-            try:
-                number = int(float(raw)) if raw not in (None, "") else None
-            except (TypeError, ValueError):
-                number = None
+            number = parse_ms(field, "" if raw is None else str(raw), 1, bounds)
             if number is not None and getattr(job, column) is None:
                 values[column] = number
         if not values:
