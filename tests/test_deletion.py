@@ -14,7 +14,7 @@ import pytest
 from flask import Flask
 from sqlalchemy import select
 
-from tests.conftest import AppFactory, make_bucket, post_callback, token_for
+from tests.conftest import MP3_TAG, AppFactory, make_bucket, post_callback, token_for
 from tests.fakeplivo import FakePlivo
 from webhook import services
 from webhook.archive import deletion
@@ -25,10 +25,15 @@ from webhook.models import Recording, Role, Status
 DAY = dt.timedelta(days=1)
 
 
+def content(recording_id: str) -> bytes:
+    """The recording's audio: bytes that begin as an mp3 file does."""
+    return MP3_TAG + recording_id.encode() * 50
+
+
 def archived(app: Flask, plivo: FakePlivo, recording_id: str, ended_ago: dt.timedelta) -> None:
     """A recording that ended `ended_ago`, reported and archived."""
     ended = dt.datetime.now(dt.UTC) - ended_ago
-    params = plivo.finish_recording(recording_id, recording_id.encode() * 50, added_at=ended)
+    params = plivo.finish_recording(recording_id, content(recording_id), added_at=ended)
     assert post_callback(app.test_client(), plivo, params).status_code == 200
     assert Worker(services(app)).run(once=True) == 1
 
@@ -107,7 +112,7 @@ def test_an_archived_object_that_no_longer_matches_is_never_deleted_and_is_repor
     assert "tampered" in plivo.recordings
     body = shown(app, "tampered")
     assert body["plivo_deleted_at"] is None
-    expected = hashlib.sha256(b"tampered" * 50).hexdigest()
+    expected = hashlib.sha256(content("tampered")).hexdigest()
     assert expected in body["archive_mismatch"]
     assert hashlib.sha256(b"not what was archived").hexdigest() in body["archive_mismatch"]
     assert [d["outcome"] for d in body["plivo_deletions"]] == ["mismatch"]
