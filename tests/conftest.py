@@ -229,3 +229,14 @@ def post_callback(
     """POST a callback signed exactly as Plivo signs it (over the public URL)."""
     headers = plivo.sign_request("POST", CALLBACK_URL, params, nonce=nonce)
     return client.post("/plivo/recording", data=params, headers=headers)
+
+
+TRANSCRIPTION_URL = PUBLIC_URL + "/plivo/transcription"
+
+
+def post_transcription(
+    client: FlaskClient, plivo: FakePlivo, params: dict[str, str], nonce: str | None = None
+) -> Any:
+    """POST a transcription callback signed exactly as Plivo signs it (over the public URL)."""
+    headers = plivo.sign_request("POST", TRANSCRIPTION_URL, params, nonce=nonce)
+    return client.post("/plivo/transcription", data=params, headers=headers)

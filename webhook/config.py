@@ -73,6 +73,7 @@ class Settings:
     reconcile_interval_seconds: int
     max_callback_bytes: int
     presign_seconds: int
+    transcription: str = "off"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], instance_path: str) -> Settings:
@@ -108,6 +109,7 @@ class Settings:
             reconcile_interval_seconds=_int(env, "RECONCILE_INTERVAL_SECONDS", 3600) or 0,
             max_callback_bytes=_int(env, "MAX_CALLBACK_BYTES", 64 * 1024, minimum=1024) or 65536,
             presign_seconds=min(_int(env, "PRESIGN_SECONDS", 60, minimum=1) or 60, 300),
+            transcription=_transcription(env),
         )
 
     def replace(self, **changes: Any) -> Settings:
@@ -117,6 +119,17 @@ class Settings:
         if "database_url" in changes:
             values["database_url"] = normalise_database_url(values["database_url"])
         return Settings(**values)
+
+
+TRANSCRIPTION_MODES = ("off", "auto")
+
+
+def _transcription(env: Mapping[str, str]) -> str:
+    # Plivo charges for every transcript: only an explicit `auto` asks for them.
+    mode = env.get("TRANSCRIPTION", "").strip().lower() or "off"
+    if mode not in TRANSCRIPTION_MODES:
+        raise ConfigError(f"TRANSCRIPTION must be off or auto, got {mode!r}")
+    return mode
 
 
 def load(instance_path: str, env: Mapping[str, str] | None = None) -> Settings:

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session, selectinload
 
 from webhook.db import rowcount
 from webhook.errors import BadParameter
-from webhook.models import LegalHoldEvent, Participant, Recording, Status, utcnow
+from webhook.models import LegalHoldEvent, Participant, Recording, Status, Transcript, utcnow
 
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 RECORDING_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -293,7 +293,7 @@ def find(session: Session, recording_id: str) -> Recording | None:
     return session.scalars(
         select(Recording)
         .where(Recording.recording_id == recording_id)
-        .options(selectinload(Recording.participants))
+        .options(selectinload(Recording.participants), selectinload(Recording.transcript))
     ).one_or_none()
 
 
@@ -386,7 +386,21 @@ def to_json(
             for p in recording.participants
         ]
     body["participants"] = participants
+    body["transcript"] = transcript_summary(recording.transcript)
     return body
+
+
+def transcript_summary(transcript: Transcript | None) -> dict[str, Any] | None:
+    """The recording's `transcript` object: whether there is one, its state and digest."""
+    if transcript is None:
+        return None
+    return {
+        "status": transcript.status,
+        "sha256": transcript.sha256,
+        "chars": transcript.chars,
+        "error": transcript.error,
+        "archived_at": _iso(transcript.archived_at),
+    }
 
 
 def requeue(session: Session, condition: ColumnElement[bool]) -> int:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from sqlalchemy import Select, exists, or_, select, tuple_
 
 from webhook.errors import BadParameter
+from webhook.fulltext import TextQuery, matching_recordings, parse_query
 from webhook.models import Participant, Recording, Status
 from webhook.recordings import participant_key
 
@@ -72,6 +73,7 @@ class RecordingFilter:
     legal_hold: bool | None = None
     retained_after: dt.datetime | None = None
     retained_before: dt.datetime | None = None
+    q: TextQuery | None = None
 
 
 def parse_time(name: str, raw: str) -> dt.datetime:
@@ -124,6 +126,7 @@ def parse_filter(args: Mapping[str, str]) -> RecordingFilter:
     since, until = text("since"), text("until")
     low, high = text("min_duration"), text("max_duration")
     retained_after, retained_before = text("retained_until_after"), text("retained_until_before")
+    q = text("q")
     result = RecordingFilter(
         conference=text("conference"),
         conference_prefix=text("conference_prefix"),
@@ -140,6 +143,7 @@ def parse_filter(args: Mapping[str, str]) -> RecordingFilter:
         retained_before=parse_time("retained_until_before", retained_before)
         if retained_before
         else None,
+        q=parse_query(q) if q else None,
     )
     if (
         result.since_ms is not None
@@ -200,6 +204,8 @@ def recordings_query(f: RecordingFilter, after: Cursor | None = None) -> Select[
         query = query.where(Recording.retain_until >= f.retained_after)
     if f.retained_before is not None:
         query = query.where(Recording.retain_until < f.retained_before)
+    if f.q is not None:
+        query = query.where(Recording.recording_id.in_(matching_recordings(f.q)))
     if after is not None:
         # A row-value comparison, so the index on (start_ms, id) bounds the scan at any depth.
         query = query.where(

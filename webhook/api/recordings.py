@@ -6,6 +6,7 @@ import csv
 import io
 import json
 from collections.abc import Iterator
+from typing import Any
 
 from flask import (
     Blueprint,
@@ -18,6 +19,7 @@ from flask import (
     stream_with_context,
 )
 from flask.typing import ResponseReturnValue
+from sqlalchemy.orm import selectinload
 
 from webhook import services
 from webhook.archive.storage import StorageError
@@ -25,9 +27,12 @@ from webhook.audit import note_recordings
 from webhook.auth import require
 from webhook.db import request_session
 from webhook.errors import APIError, BadParameter
+from webhook.fulltext import snippets
 from webhook.models import LegalHoldEvent, Recording, Role, Status
 from webhook.recordings import find, legal_hold_history, participants_of, to_json
-from webhook.search import Cursor, parse_filter, parse_limit, recordings_query
+from webhook.search import Cursor, RecordingFilter, parse_filter, parse_limit, recordings_query
+from webhook.transcripts import find as find_transcript
+from webhook.transcripts import to_json as transcript_json
 
 bp = Blueprint("recordings", __name__)
 
@@ -49,7 +54,27 @@ EXPORT_COLUMNS = (
     "legal_hold",
     "attempts",
     "last_error",
+    "transcript_status",
+    "transcript_sha256",
+    "snippet",
 )
+
+
+def _page(filters: RecordingFilter, after: Cursor | None, limit: int) -> list[Recording]:
+    """Matching recordings with their transcript's summary (not its text) loaded alongside."""
+    query = recordings_query(filters, after).options(selectinload(Recording.transcript))
+    return list(request_session().scalars(query.limit(limit)))
+
+
+def _with_snippets(
+    filters: RecordingFilter, page: list[Recording], bodies: list[dict[str, Any]]
+) -> None:
+    """With `q`, each hit carries a short extract of its transcript, the words marked."""
+    if filters.q is None:
+        return
+    found = snippets(request_session(), filters.q, [r.recording_id for r in page])
+    for recording, body in zip(page, bodies, strict=True):
+        body["snippet"] = found.get(recording.recording_id)
 
 
 @bp.get("/recordings")
@@ -61,14 +86,14 @@ def list_recordings() -> Response:
     raw_cursor = request.args.get("cursor")
     after = Cursor.decode(raw_cursor) if raw_cursor else None
     session = request_session()
-    rows = list(session.scalars(recordings_query(filters, after).limit(limit + 1)))
+    rows = _page(filters, after, limit + 1)
     page, more = rows[:limit], len(rows) > limit
     note_recordings(*(r.recording_id for r in page))
     participants = participants_of(session, [r.id for r in page])
     next_cursor = Cursor(page[-1].start_ms, page[-1].id).encode() if more else None
-    return jsonify(
-        recordings=[to_json(r, participants[r.id]) for r in page], next_cursor=next_cursor
-    )
+    bodies = [to_json(r, participants[r.id]) for r in page]
+    _with_snippets(filters, page, bodies)
+    return jsonify(recordings=bodies, next_cursor=next_cursor)
 
 
 def _get(recording_id: str) -> Recording:
@@ -123,10 +148,12 @@ def _export_rows() -> Iterator[dict[str, object]]:
     session = request_session()
     after: Cursor | None = None
     while True:
-        batch = list(session.scalars(recordings_query(filters, after).limit(EXPORT_BATCH)))
+        batch = _page(filters, after, EXPORT_BATCH)
         participants = participants_of(session, [r.id for r in batch])
-        for recording in batch:
-            body = to_json(recording, participants[recording.id])
+        bodies = [to_json(r, participants[r.id]) for r in batch]
+        _with_snippets(filters, batch, bodies)
+        for body in bodies:
+            transcript = body.get("transcript") or {}
             archive = body.pop("archive") or {}
             body.update(
                 {
@@ -134,6 +161,8 @@ def _export_rows() -> Iterator[dict[str, object]]:
                     "archive_size": archive.get("size"),
                     "archive_sha256": archive.get("sha256"),
                     "archived_at": archive.get("archived_at"),
+                    "transcript_status": transcript.get("status"),
+                    "transcript_sha256": transcript.get("sha256"),
                 }
             )
             yield body
@@ -180,6 +209,17 @@ def export_recordings() -> Response:
     return response
 
 
+@bp.get("/recordings/<recording_id>/transcript")
+@require(Role.COMPLIANCE)
+def get_transcript(recording_id: str) -> Response:
+    """A recording's transcript: the text exactly as Plivo sent it, its digest and archive."""
+    note_recordings(recording_id)
+    transcript = find_transcript(request_session(), recording_id)
+    if transcript is None:
+        raise APIError(404, "transcript_not_found", f"No transcript of recording {recording_id!r}")
+    return jsonify(transcript_json(transcript))
+
+
 @bp.put("/recordings/<recording_id>/legal-hold")
 @require(Role.ADMIN)
 def set_legal_hold(recording_id: str) -> Response:
@@ -195,10 +235,15 @@ def set_legal_hold(recording_id: str) -> Response:
     recording = _get(recording_id)
     if recording.status != Status.ARCHIVED or not recording.archive_key:
         raise APIError(409, "not_archived", f"Recording {recording_id} is not archived yet")
+    storage = services(current_app).storage
+    transcript = recording.transcript
     try:
-        services(current_app).storage.set_legal_hold(
-            recording.archive_key, recording.archive_version_id, body["on"]
-        )
+        storage.set_legal_hold(recording.archive_key, recording.archive_version_id, body["on"])
+        # The transcript archived beside the audio is held (or released) with it.
+        if transcript is not None and transcript.archive_key and transcript.archived_at:
+            storage.set_legal_hold(
+                transcript.archive_key, transcript.archive_version_id, body["on"]
+            )
     except StorageError as exc:
         raise APIError(502, "legal_hold_failed", str(exc)) from None
     session = request_session()
