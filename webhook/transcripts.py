@@ -15,6 +15,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, undefer
 
 from webhook.callbacks import Outcome
+from webhook.config import Settings
 from webhook.db import rowcount
 from webhook.errors import BadParameter
 from webhook.models import Transcript, utcnow
@@ -44,11 +45,17 @@ class TranscriptReport:
         return ERROR if self.error else RECEIVED
 
 
-def transcription_url(public_url: str | None) -> str:
+def transcription_url(public_url: str) -> str:
     """Where Plivo delivers transcripts: PUBLIC_URL + the path, with the retry fragment."""
-    if not public_url:
-        raise ValueError("PUBLIC_URL is needed for Plivo to deliver transcripts")
     return public_url + TRANSCRIPTION_PATH + RETRY_FRAGMENT
+
+
+def transcription_url_for(settings: Settings) -> str | None:
+    """The transcription_url to give Plivo when starting a recording: None unless
+    TRANSCRIPTION=auto (Plivo charges for transcripts)."""
+    if settings.transcription != "auto" or not settings.public_url:
+        return None
+    return transcription_url(settings.public_url)
 
 
 def _line(fields: Mapping[str, str], name: str, limit: int) -> str | None:

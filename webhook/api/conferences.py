@@ -15,6 +15,7 @@ from webhook.db import request_session
 from webhook.errors import APIError, BadParameter, PlivoError
 from webhook.models import Role
 from webhook.recordings import CONTROL_CHARACTERS, FILE_FORMATS, record_start, to_json
+from webhook.transcripts import transcription_url_for
 
 bp = Blueprint("conferences", __name__)
 
@@ -62,7 +63,10 @@ def start_recording(name: str) -> tuple[Response, int]:
     with conference_running(name):
         conference = plivo.get_conference(name)
     started = plivo.start_recording(
-        name, file_format, svc.settings.public_url + "/plivo/recording" + CALLBACK_RETRY_FRAGMENT
+        name,
+        file_format,
+        svc.settings.public_url + "/plivo/recording" + CALLBACK_RETRY_FRAGMENT,
+        transcription_url=transcription_url_for(svc.settings),
     )
     recording_id = started.get("recording_id")
     if not recording_id:
