@@ -31,13 +31,14 @@ START_MARK, STOP_MARK, ELLIPSIS = "«", "»", "…"
 SNIPPET_WORDS = 16
 FTS_TABLE = "transcripts_fts"
 # Made by migration 0009 outside the models: SQLite's FTS5 table (with its shadow tables, all
-# named transcripts_fts*) and PostgreSQL's expression index.
+# named transcripts_fts*), PostgreSQL's generated tsvector column and its GIN index.
+PG_COLUMN = "search_vector"
 PG_INDEX = "ix_transcripts_text_fts"
 
 
 def is_search_structure(name: str | None) -> bool:
     """Whether a schema object is one of the search structures the models do not declare."""
-    return bool(name) and (str(name).startswith(FTS_TABLE) or name == PG_INDEX)
+    return bool(name) and (str(name).startswith(FTS_TABLE) or name in (PG_INDEX, PG_COLUMN))
 
 
 TERM = re.compile(r'(-?)(?:"([^"]*)"?|(\S+))')
@@ -110,8 +111,8 @@ def _pg_tsquery(query: TextQuery) -> ColumnElement[Any]:
 
 
 def pg_vector() -> ColumnElement[Any]:
-    """The indexed expression (migration 0009's ix_transcripts_text_fts)."""
-    return func.to_tsvector(SIMPLE, Transcript.text)
+    """The stored to_tsvector('simple', text) that migration 0009's GIN index covers."""
+    return literal_column(f"transcripts.{PG_COLUMN}")
 
 
 # --- SQLite FTS5 ------------------------------------------------------------------------------
