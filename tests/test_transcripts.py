@@ -12,7 +12,7 @@ import pytest
 from flask import Flask
 from sqlalchemy import func, select
 
-from tests.conftest import TRANSCRIPTION_URL, post_callback, post_transcription
+from tests.conftest import TRANSCRIPTION_URL, post_callback, post_transcription, token_for
 from webhook import services
 from webhook.db import transaction
 from webhook.fulltext import fts5_expression, parse_query
@@ -326,3 +326,18 @@ def test_query_syntax_is_translated_with_explicit_precedence():
     assert fts5_expression(query) == '(("a" AND "b c") NOT "d") OR (("e") NOT "f g")'
     # Punctuation inside a word splits it the way both databases' tokenizers do.
     assert fts5_expression(parse_query("don't")) == '("don t")'
+
+
+def test_snippets_of_long_transcripts_show_the_match_far_in(plivo, make_app):
+    app = make_app(MAX_CALLBACK_BYTES=str(1024 * 1024))
+    client = app.test_client()
+    headers = {"Authorization": f"Bearer {token_for(app, Role.COMPLIANCE)}"}
+    filler = " ".join(f"filler{n}" for n in range(5000))
+    text = f"Speaker 0: {filler}\nSpeaker 1: a guaranteed return, I said. {filler}"
+    record(client, plivo, "rec-long-text")
+    assert transcribe(client, plivo, "rec-long-text", text).status_code == 200
+    for q, words in (('"guaranteed return"', ["guaranteed", "return"]), ("said OR nowt", ["said"])):
+        page = client.get("/api/recordings", query_string={"q": q}, headers=headers).json
+        (hit,) = page["recordings"]
+        assert marked(hit["snippet"]) == words
+        assert len(hit["snippet"]) < 400
