@@ -207,7 +207,7 @@ def test_non_ascii_transcripts_round_trip_byte_exact_and_are_searchable(
     assert marked(hit.json["recordings"][0]["snippet"]) == ["Zürich"]
 
 
-def test_transcript_endpoint_is_404_without_one_and_audited(app, client, plivo, compliance):
+def test_transcript_endpoint_is_404_without_one_and_audited(app, client, plivo, compliance, auth):
     record(client, plivo, "rec-none")
     missing = client.get("/api/recordings/rec-none/transcript", headers=compliance)
     assert missing.status_code == 404
@@ -222,10 +222,8 @@ def test_transcript_endpoint_is_404_without_one_and_audited(app, client, plivo, 
     assert audited == 3
     no_token = client.get("/api/recordings/rec-none/transcript")
     assert no_token.status_code == 401
-    operator = client.get(
-        "/api/recordings/rec-none/transcript", headers={"Authorization": "Bearer nope"}
-    )
-    assert operator.status_code == 401
+    operator = client.get("/api/recordings/rec-none/transcript", headers=auth(Role.OPERATOR))
+    assert operator.status_code == 403
 
 
 # --- searching ---------------------------------------------------------------------------------
