@@ -30,7 +30,7 @@ MAX_TERMS = 32
 START_MARK, STOP_MARK, ELLIPSIS = "«", "»", "…"
 SNIPPET_WORDS = 16
 # PostgreSQL takes snippets from this many characters, starting WINDOW_BEFORE before a match.
-WINDOW, WINDOW_BEFORE = 1000, 200
+WINDOW, WINDOW_BEFORE = 400, 120
 FTS_TABLE = "transcripts_fts"
 # Made by migration 0009 outside the models: SQLite's FTS5 table (with its shadow tables, all
 # named transcripts_fts*), PostgreSQL's generated tsvector column and its GIN index.

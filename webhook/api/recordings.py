@@ -19,7 +19,7 @@ from flask import (
     stream_with_context,
 )
 from flask.typing import ResponseReturnValue
-from sqlalchemy.orm import selectinload
+from sqlalchemy.orm import joinedload
 
 from webhook import services
 from webhook.archive.storage import StorageError
@@ -62,7 +62,8 @@ EXPORT_COLUMNS = (
 
 def _page(filters: RecordingFilter, after: Cursor | None, limit: int) -> list[Recording]:
     """Matching recordings with their transcript's summary (not its text) loaded alongside."""
-    query = recordings_query(filters, after).options(selectinload(Recording.transcript))
+    # Joined, not a second query: one transcript at most per recording, by a unique key.
+    query = recordings_query(filters, after).options(joinedload(Recording.transcript))
     return list(request_session().scalars(query.limit(limit)))
 
 
