@@ -167,6 +167,17 @@ def test_a_callback_with_neither_transcription_nor_error_is_400(app, client, pli
     assert answer.json["error"] == "invalid_transcription"
 
 
+def test_a_camelcase_recording_id_is_taken_too(app, client, plivo):
+    params = plivo.transcribe("rec-camel", "spoken words")
+    params["RecordingID"] = params.pop("recording_id")
+    assert post_transcription(client, plivo, params).status_code == 200
+    assert [t.recording_id for t in rows(app, Transcript)] == ["rec-camel"]
+    clash = {**params, "recording_id": "rec-other"}
+    answer = post_transcription(client, plivo, clash)
+    assert answer.status_code == 400
+    assert answer.json["error"] == "invalid_recording_id"
+
+
 def test_transcription_arrives_by_get_too(app, client, plivo):
     params = plivo.transcribe("rec-get", "spoken words")
     headers = plivo.sign_request("GET", TRANSCRIPTION_URL, params)

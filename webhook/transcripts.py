@@ -84,7 +84,9 @@ def _number(fields: Mapping[str, str], name: str) -> str | None:
 
 def parse_transcription(fields: Mapping[str, str]) -> TranscriptReport:
     """Validate a transcription callback's fields; a bad field raises BadParameter."""
-    recording_id = _line(fields, "recording_id", 64)
+    # Conference XML calls back with CamelCase names; whether its transcription callback does
+    # too is unverified, so its RecordingID is taken when recording_id is absent.
+    recording_id = _line(fields, "recording_id", 64) or _line(fields, "RecordingID", 64)
     if recording_id is None:
         raise BadParameter("recording_id", "recording_id is required")
     if not RECORDING_ID.match(recording_id):
