@@ -305,3 +305,43 @@ def test_transcripts_order_refuses_without_public_url(make_app, plivo) -> None:
     assert result.exit_code == 1
     assert "PUBLIC_URL" in result.output
     assert plivo.transcription_orders == []
+
+
+def test_transcripts_fetch_counts_plivo_failures_and_stops_on_refused_credentials(
+    app, plivo, runner
+) -> None:
+    for recording_id in ("a", "b"):
+        queue(app, plivo, recording_id)
+    plivo.transcribe("b", "words")
+    plivo.api_faults[:] = [500, 500, 500]  # the first GET fails through its retries
+    result = runner.invoke(cli, ["transcripts", "fetch"])
+    assert result.exit_code == 0, result.output
+    assert "2 recording(s) looked at, 1 fetched, 0 none at Plivo, 1 failed" in result.output
+    plivo.api_faults[:] = [401]
+    refused = runner.invoke(cli, ["transcripts", "fetch"])
+    assert refused.exit_code == 1
+    assert "PLIVO_AUTH_ID/TOKEN" in refused.output
+
+
+def test_two_workers_never_write_the_same_transcript_at_once(app, plivo, monkeypatch) -> None:
+    from webhook.archive import transcripts as archiving
+
+    queue(app, plivo, "shared")
+    transcribe(app, plivo, "shared")
+    puts: list[str] = []
+    storage = services(app).storage
+    real_put = storage.put
+
+    def put(key: str, *args: Any) -> Any:
+        puts.append(key)
+        # While this worker writes, another one looks for due transcripts: it must skip this one.
+        if key.endswith(".transcript.json"):
+            assert archiving.archive_transcripts(services(app)) == 0
+        return real_put(key, *args)
+
+    monkeypatch.setattr(storage, "put", put)
+    Worker(services(app)).run(once=True)
+    assert [key for key in puts if key.endswith(".transcript.json")] == [
+        transcript(app, "shared").archive_key
+    ]
+    assert transcript(app, "shared").archive_attempts == 1
