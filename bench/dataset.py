@@ -156,3 +156,93 @@ def load_dataset(url: str, recordings: int, participants_per: int, seed: float =
         "indexes_rebuilt": [name for name, _ in indexes],
         **{k: round(v, 2) for k, v in timings.items()},
     }
+
+
+# Words of a transcript, most frequent first: a word's rank is drawn as random()^3, so "the" is
+# in nearly every transcript and the last ones in few.
+VOCABULARY = (
+    "the", "to", "and", "you", "a", "i", "that", "is", "of", "we", "it", "on", "for", "this",
+    "in", "have", "be", "so", "can", "okay", "yes", "price", "market", "trade", "order",
+    "client", "rate", "bond", "equity", "position", "risk", "call", "today", "tomorrow",
+    "million", "buy", "sell", "desk", "account", "confirm", "limit", "spread", "volume",
+    "fund", "yield", "hedge", "settlement", "compliance", "portfolio", "exposure", "currency",
+    "london", "tokyo", "swap", "option", "futures", "basis", "points", "allocation",
+    "counterparty", "margin", "collateral", "liquidity", "mandate", "benchmark", "treasury",
+)  # fmt: skip
+RARE_PHRASE = "guaranteed return"  # in 0.1% of transcripts
+RARE_WORD = "zyxwidget"  # in 0.01% of transcripts
+
+
+def load_transcripts(url: str, words: int, seed: float = 0.24) -> dict:
+    """A transcript of `words` words for every finished recording, generated inside PostgreSQL
+    ("Speaker N:" turns of words from VOCABULARY, skewed), with RARE_PHRASE in 0.1% of them and
+    RARE_WORD in 0.01%; the full-text index dropped during the load and re-created after."""
+    import psycopg
+
+    vocabulary = "ARRAY[" + ",".join(f"'{w}'" for w in VOCABULARY) + "]"
+    started = time.perf_counter()
+    with psycopg.connect(libpq_url(url), autocommit=True) as conn:
+        indexes = conn.execute(
+            """
+            SELECT i.indexname, i.indexdef FROM pg_indexes i
+            WHERE i.tablename = 'transcripts'
+              AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conname = i.indexname)
+            """
+        ).fetchall()
+        with conn.transaction():
+            conn.execute("SET LOCAL synchronous_commit = off")
+            for name, _ in indexes:
+                conn.execute(f'DROP INDEX "{name}"')
+            conn.execute("SELECT setseed(%s)", (seed,))
+            conn.execute(
+                f"""
+                INSERT INTO transcripts (
+                    recording_id, status, text, chars, error, details, sha256, received_at,
+                    archive_key, archive_size, archived_at, archive_attempts, created_at)
+                SELECT recording_id, 'received', body, length(body), NULL,
+                    '{{"source": "callback"}}'::json, md5(body) || md5(recording_id), now(),
+                    regexp_replace(archive_key, '\\.[a-z0-9]+$', '.transcript.json'),
+                    length(body), now(), 1, now()
+                FROM (
+                    SELECT r.recording_id, r.archive_key,
+                        'Speaker 0: ' || t.spoken
+                        || CASE WHEN random() < 0.001 + 0 * r.id
+                                THEN ' {RARE_PHRASE} on this' ELSE '' END
+                        || CASE WHEN random() < 0.0001 + 0 * r.id
+                                THEN ' {RARE_WORD}' ELSE '' END AS body
+                    FROM recordings r
+                    CROSS JOIN LATERAL (
+                        SELECT string_agg(
+                            CASE WHEN mod(n, 40) = 0 THEN E'\\nSpeaker ' || mod(n / 40, 2)
+                                 || ': ' ELSE '' END
+                            || ({vocabulary})[1 + floor({len(VOCABULARY)} * random() ^ 3)::int],
+                            ' ') AS spoken
+                        FROM generate_series(1, %(words)s + 0 * r.id) AS n
+                    ) AS t
+                    WHERE r.status <> 'recording'
+                    ORDER BY r.id
+                ) AS rows
+                """,  # noqa: S608 - only constants of this module are formatted in
+                {"words": words},
+            )
+        load_s = time.perf_counter() - started
+        conn.execute("SET maintenance_work_mem = '256MB'")
+        for _, definition in indexes:
+            conn.execute(definition)
+        conn.execute("VACUUM (ANALYZE) transcripts")
+        counts = conn.execute(
+            "SELECT count(*), coalesce(avg(chars), 0)::int, "
+            "count(*) FILTER (WHERE text LIKE %s), count(*) FILTER (WHERE text LIKE %s) "
+            "FROM transcripts",
+            (f"%{RARE_PHRASE}%", f"%{RARE_WORD}%"),
+        ).fetchone()
+        assert counts is not None
+    return {
+        "transcripts": counts[0],
+        "average_chars": counts[1],
+        "with_rare_phrase": counts[2],
+        "with_rare_word": counts[3],
+        "indexes_rebuilt": [name for name, _ in indexes],
+        "load_s": round(load_s, 2),
+        "total_s": round(time.perf_counter() - started, 2),
+    }

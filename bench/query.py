@@ -40,6 +40,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--recordings", type=int, default=1_000_000)
     parser.add_argument("--participants-per", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=30, help="timed requests per case")
+    parser.add_argument(
+        "--transcript-words", type=int, default=400, help="words per transcript (0: none)"
+    )
     parser.add_argument("--pages", type=int, default=100, help="deepest page followed")
     parser.add_argument("--database-url", default=None)
     parser.add_argument("--timeout", type=float, default=None)
@@ -128,6 +131,10 @@ def run(report: Report, args: argparse.Namespace) -> None:
         loaded = dataset.load_dataset(url, args.recordings, args.participants_per)
         common.say(f"loaded: {loaded}")
         report.results["load"] = loaded
+        if args.transcript_words:
+            common.say(f"transcripts of {args.transcript_words} words …")
+            report.results["transcripts"] = dataset.load_transcripts(url, args.transcript_words)
+            common.say(f"loaded: {report.results['transcripts']}")
         values = pick_values(url, args.recordings)
         report.results["values"] = {k: v for k, v in values.items() if k != "far_cursor"}
 
@@ -221,6 +228,33 @@ def run(report: Report, args: argparse.Namespace) -> None:
                 lambda r: r["conference_name"] == hot and r["start_ms"] >= since_ms,
             ),
         ]
+        if args.transcript_words:
+
+            def snippet(r: dict[str, Any]) -> bool:
+                return "«" in (r.get("snippet") or "")
+
+            cases += [
+                (f"q rare word ({dataset.RARE_WORD})", {"q": dataset.RARE_WORD}, snippet),
+                ("q common word (the)", {"q": "the"}, snippet),
+                ("q middling word (collateral)", {"q": "collateral"}, snippet),
+                (f'q phrase ("{dataset.RARE_PHRASE}")', {"q": f'"{dataset.RARE_PHRASE}"'}, snippet),
+                ("q OR and -word", {"q": "hedge OR swap -london"}, snippet),
+                (
+                    "q word + participant + since/until",
+                    {
+                        "q": "collateral",
+                        "participant": values["participant_hot"],
+                        "since": values["since"],
+                        "until": values["until"],
+                    },
+                    lambda r: snippet(r) and since_ms <= r["start_ms"] < until_ms,
+                ),
+                (
+                    "q phrase + since (last 30 days)",
+                    {"q": f'"{dataset.RARE_PHRASE}"', "since": values["last_30_days"]},
+                    snippet,
+                ),
+            ]
 
         # Deep cursors: follow next_cursor page after page, keeping a few cursors on the way.
         cursors: dict[int, str] = {}
@@ -370,6 +404,7 @@ def main() -> None:
         "participants_per": args.participants_per,
         "repeat": args.repeat,
         "pages": args.pages,
+        "transcript_words": args.transcript_words,
         "client": "Flask test client, in-process",
     }
     common.run_main(lambda: Report("query", params), lambda r: run(r, args), timeout)

@@ -237,3 +237,14 @@ MP3_TAG = b"ID3\x04\x00\x00\x00\x00\x00\x00"  # an empty ID3v2.4 tag: how Plivo'
 def mp3_bytes(size: int) -> bytes:
     """`size` random bytes that begin as an mp3 file does (the worker refuses anything else)."""
     return (MP3_TAG + os.urandom(max(size - len(MP3_TAG), 0)))[:size]
+
+
+TRANSCRIPTION_URL = PUBLIC_URL + "/plivo/transcription"
+
+
+def post_transcription(
+    client: FlaskClient, plivo: FakePlivo, params: dict[str, str], nonce: str | None = None
+) -> Any:
+    """POST a transcription callback signed exactly as Plivo signs it (over the public URL)."""
+    headers = plivo.sign_request("POST", TRANSCRIPTION_URL, params, nonce=nonce)
+    return client.post("/plivo/transcription", data=params, headers=headers)

@@ -93,6 +93,9 @@ class FakePlivo:
         self.notice_faults: list[int] = []
         self.deleted_recordings: list[str] = []
         self.delete_faults: list[int] = []
+        # Transcripts Plivo has made (GET Transcription) and the ones it was asked for (POST).
+        self.transcriptions: dict[str, dict[str, Any]] = {}
+        self.transcription_orders: list[tuple[str, dict[str, Any]]] = []
         self._conference_uuids: dict[str, str] = {}
         self._lock = threading.RLock()
         self._stopping = threading.Event()
@@ -265,6 +268,40 @@ class FakePlivo:
             "recording_end_ms": _plivo_ms(end_ms),
         }
 
+    def transcribe(
+        self,
+        recording_id: str,
+        text: str | None,
+        error: str | None = None,
+        duration_s: int = 5,
+    ) -> dict[str, str]:
+        """Plivo's transcript of a recording, kept for GET Transcription; returns the fields of
+        the transcription callback Plivo sends to `transcription_url` (with `error` when it
+        could not transcribe)."""
+        with self._lock:
+            recording = self.recordings.get(recording_id, {})
+            self.transcriptions[recording_id] = {
+                "api_id": _api_id(),
+                "status": "error" if error else "completed",
+                "transcription": text or "",
+                "recording_duration_ms": _plivo_ms(duration_s * 1000),
+                "recording_start_ms": recording.get("recording_start_ms") or _plivo_ms(0),
+                "cost": "0.05",
+                "rate": "0.05",
+                "error": error,
+            }
+        params = {
+            "transcription": text or "",
+            "recording_id": recording_id,
+            "call_uuid": str(uuid.uuid4()),
+            "duration": str(duration_s),
+            "transcription_charge": "0.05",
+            "transcription_rate": "0.05",
+        }
+        if error:
+            params["error"] = error
+        return params
+
     # --- callbacks, signed as Plivo signs them ----------------------------------------------------
 
     def sign_request(
@@ -392,7 +429,20 @@ class FakePlivo:
                     if recording is None or recording["state"] != "finished":
                         return _error(404, "not found")
                     return _json(200, {"api_id": _api_id(), **_recording_view(recording)})
-            case ["Conference", *_] | ["Recording", *_]:
+            case ["Transcription", recording_id] if method == "GET":
+                with self._lock:
+                    transcript = self.transcriptions.get(recording_id)
+                    if transcript is None:
+                        return _error(404, "transcription not found")
+                    return _json(200, dict(transcript))
+            case ["Transcription", recording_id] if method == "POST":
+                with self._lock:
+                    recording = self.recordings.get(recording_id)
+                    if recording is None or recording["state"] != "finished":
+                        return _error(404, "recording not found")
+                    self.transcription_orders.append((recording_id, _request_payload(request)))
+                return _json(202, {"api_id": _api_id(), "message": "transcription in progress"})
+            case ["Conference", *_] | ["Recording", *_] | ["Transcription", *_]:
                 return _error(405, f"method {method} not allowed here")
         return _error(404, "not found")
 

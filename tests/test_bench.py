@@ -153,6 +153,8 @@ def test_query() -> None:
     cases = result["results"]["cases"]
     assert "legal_hold=true" in cases and "page 12 (following next_cursor)" in cases
     assert all(case["sql"] for case in cases.values())
+    assert "q common word (the)" in cases and "q word + participant + since/until" in cases
+    assert result["results"]["transcripts"]["transcripts"] > 1900
 
 
 def test_startup() -> None:

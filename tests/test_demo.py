@@ -31,6 +31,13 @@ def test_demo_archives_a_signed_recording_on_the_embedded_defaults(tmp_path: Pat
     assert "archived 1 recording(s)" in done.stdout
     assert "byte-exact" in done.stdout
     assert "console:   http://127.0.0.1:" in done.stdout and "/console/\n" in done.stdout
+    assert "transcription callback, signed -> 200" in done.stdout
+    assert '?q="treasury bonds" -> 1 found' in done.stdout
+    assert "«treasury" in done.stdout
     assert (tmp_path / "webhook.sqlite3").exists()
     archived = list((tmp_path / "archive").rglob("*.wav"))
     assert len(archived) == 1
+    transcripts = list((tmp_path / "archive").rglob("*.transcript.json"))
+    assert [t.name.removesuffix(".transcript.json") for t in transcripts] == [
+        archived[0].name.removesuffix(".wav")
+    ]

@@ -15,6 +15,7 @@ from alembic.migration import MigrationContext
 from tests.conftest import ON_POSTGRES, TEST_DATABASE_URL
 from webhook.config import normalise_database_url
 from webhook.db import alembic_config, upgrade
+from webhook.fulltext import is_search_structure
 from webhook.models import Base, utcnow
 
 
@@ -40,7 +41,8 @@ def empty_database_url(tmp_path: Path) -> Iterator[str]:
 def table_names(url: str) -> set[str]:
     engine = sa.create_engine(url)
     try:
-        return set(sa.inspect(engine).get_table_names()) - {"alembic_version"}
+        names = set(sa.inspect(engine).get_table_names()) - {"alembic_version"}
+        return {name for name in names if not is_search_structure(name)}
     finally:
         engine.dispose()
 
@@ -58,7 +60,14 @@ def test_migrations_run_up_down_and_up_again(empty_database_url: str) -> None:
 def test_models_match_the_migrated_schema(database_url: str) -> None:
     engine = sa.create_engine(database_url)
     with engine.connect() as conn:
-        context = MigrationContext.configure(conn, opts={"compare_type": True})
+        # The full-text structures (FTS5 table, GIN expression index) exist only in migrations.
+        context = MigrationContext.configure(
+            conn,
+            opts={
+                "compare_type": True,
+                "include_name": lambda name, _type, _parents: not is_search_structure(name),
+            },
+        )
         differences = compare_metadata(context, Base.metadata)
     engine.dispose()
     assert differences == []
@@ -251,3 +260,24 @@ def test_anonymous_tally_may_only_count_up(database_url: str) -> None:
     with engine.connect() as conn:
         assert conn.execute(sa.select(tally.c.count, tally.c.remote_addr)).one() == (6, "127.0.0.1")
     engine.dispose()
+
+
+def test_transcript_search_structures_come_and_go_with_the_migration(
+    empty_database_url: str,
+) -> None:
+    def search_structures() -> set[str]:
+        engine = sa.create_engine(empty_database_url)
+        try:
+            inspector = sa.inspect(engine)
+            names = set(inspector.get_table_names())
+            if "transcripts" in names:
+                names |= {index["name"] or "" for index in inspector.get_indexes("transcripts")}
+            return {name for name in names if is_search_structure(name)}
+        finally:
+            engine.dispose()
+
+    upgrade(empty_database_url)
+    expected = {"ix_transcripts_text_fts"} if ON_POSTGRES else {"transcripts_fts"}
+    assert expected <= search_structures()
+    command.downgrade(alembic_config(empty_database_url), "0010")
+    assert search_structures() == set()

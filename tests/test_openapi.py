@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from schemathesis.checks import positive_data_acceptance
 
-from tests.conftest import post_callback
+from tests.conftest import post_callback, post_transcription
 from webhook.models import Role
 
 
@@ -23,6 +23,8 @@ def api_schema(app: Flask, client: Any, plivo: Any) -> Any:
     for n in range(3):
         params = plivo.finish_recording(f"rec-{n}", b"audio", conference_name="Room 1")
         assert post_callback(client, plivo, params).status_code == 200
+    words = plivo.transcribe("rec-0", "Speaker 0: hello world, a guaranteed return")
+    assert post_transcription(client, plivo, words).status_code == 200
     return schemathesis.openapi.from_wsgi("/openapi.json", app)
 
 

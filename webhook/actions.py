@@ -84,7 +84,11 @@ def set_legal_hold(recording_id: str, on: bool, reason: object, staff_name: str)
     if recording is None:
         raise APIError(404, "recording_not_found", f"No recording {recording_id!r}")
     key = _archived(recording)
-    version_id = recording.archive_version_id
+    # The transcript archived beside the audio is held (or released) with it.
+    objects = [(key, recording.archive_version_id)]
+    transcript = recording.transcript
+    if transcript is not None and transcript.archive_key and transcript.archived_at:
+        objects.append((transcript.archive_key, transcript.archive_version_id))
     held = recording.legal_hold
     recording.legal_hold = on
     recording.legal_hold_reason = checked if on else None
@@ -94,21 +98,22 @@ def set_legal_hold(recording_id: str, on: bool, reason: object, staff_name: str)
     session.flush()  # a database refusal surfaces here, before S3 is changed
     storage = services(current_app).storage
     try:
-        storage.set_legal_hold(key, version_id, on)
+        for object_key, version_id in objects:
+            storage.set_legal_hold(object_key, version_id, on)
     except Unsupported as exc:
         session.rollback()
         raise APIError(502, "legal_hold_failed", str(exc)) from None
     except StorageError as exc:
         session.rollback()
         # S3 may have applied the change and failed to say so (a timeout).
-        _restore_legal_hold(storage, recording_id, key, version_id, held, exc)
+        _restore_legal_hold(storage, recording_id, objects, held, exc)
         raise APIError(
             502, "legal_hold_failed", "S3 did not confirm the legal hold; nothing was changed"
         ) from None
     try:
         session.commit()
     except DBAPIError as exc:
-        _restore_legal_hold(storage, recording_id, key, version_id, held, exc)
+        _restore_legal_hold(storage, recording_id, objects, held, exc)
         raise
     return recording
 
@@ -116,8 +121,7 @@ def set_legal_hold(recording_id: str, on: bool, reason: object, staff_name: str)
 def _restore_legal_hold(
     storage: Storage,
     recording_id: str,
-    key: str,
-    version_id: str | None,
+    objects: list[tuple[str, str | None]],
     held: bool,
     cause: Exception,
 ) -> None:
@@ -127,7 +131,8 @@ def _restore_legal_hold(
         extra={"recording_id": recording_id, "error": type(cause).__name__},
     )
     try:
-        storage.set_legal_hold(key, version_id, held)
+        for key, version_id in objects:
+            storage.set_legal_hold(key, version_id, held)
     except StorageError:
         log.error(
             "legal hold in S3 may differ from the database; set it again",

@@ -224,3 +224,12 @@ def conference_callback(fields: Mapping[str, str]) -> tuple[str, Handler]:
 def recording_callback() -> Response:
     """Plivo's recording callback (and the member events of a Conference XML callbackUrl)."""
     return receive(conference_callback)
+
+
+@bp.route("/plivo/transcription", methods=CALLBACK_METHODS)
+def transcription_callback() -> Response:
+    """Plivo's transcription callback: a recording's transcript, or why there is none."""
+    # Imported here: webhook.transcripts builds its handler on this module's Outcome.
+    from webhook.transcripts import store_transcription
+
+    return receive(lambda _fields: ("transcription", store_transcription))

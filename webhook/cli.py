@@ -16,19 +16,22 @@ from tqdm import tqdm
 from webhook import create_app, logs, services
 from webhook.archive.reconcile import reconcile, reconcile_history
 from webhook.archive.storage import ObjectLockMissing, StorageError, check_object
+from webhook.archive.transcripts import count_lacking, fetch_transcripts, order_transcripts
 from webhook.archive.worker import Worker
 from webhook.auth import add_staff, revoke_staff
 from webhook.db import transaction, upgrade
 from webhook.errors import BadParameter, PlivoError
-from webhook.models import Recording, Role, Staff, Status
+from webhook.models import Recording, Role, Staff, Status, Transcript
 from webhook.recordings import requeue
 from webhook.search import parse_time
 
 cli = FlaskGroup(create_app=create_app, help="Plivo conference recording archive.")
 db_cli = AppGroup("db", help="The database schema (Alembic migrations).")
 staff_cli = AppGroup("staff", help="Staff API tokens.")
+transcripts_cli = AppGroup("transcripts", help="Transcripts from Plivo for recordings lacking one.")
 cli.add_command(db_cli)
 cli.add_command(staff_cli)
+cli.add_command(transcripts_cli)
 
 
 def main() -> None:
@@ -165,21 +168,87 @@ def reconcile_command(since: str | None) -> None:
     click.echo(result.summary())
 
 
+def _since_ms(since: str | None) -> int | None:
+    if not since:
+        return None
+    try:
+        return int(parse_time("since", since).timestamp() * 1000)
+    except BadParameter as exc:
+        raise click.BadParameter(exc.message, param_hint="--since") from None
+
+
+@transcripts_cli.command("fetch")
+@click.option("--since", help="Only recordings that started at or after this ISO-8601 time.")
+def transcripts_fetch(since: str | None) -> None:
+    """Fetch from Plivo the transcripts it has for recordings that lack one."""
+    since_ms = _since_ms(since)
+    svc = services(current_app)
+    total = count_lacking(svc, since_ms, ordered_too=True)
+    with _progress(total, "recording") as bar:
+        try:
+            result = fetch_transcripts(
+                svc, since_ms, progress=lambda: bar.update(1), warn=tqdm.write
+            )
+        except PlivoError as exc:
+            raise click.ClickException(f"Plivo: {exc.message} (after {bar.n} recordings)") from None
+    click.echo(result.summary())
+
+
+@transcripts_cli.command("order")
+@click.option("--since", help="Only recordings that started at or after this ISO-8601 time.")
+@click.option("--yes", is_flag=True, help="Order them (Plivo charges per transcript).")
+def transcripts_order(since: str | None, yes: bool) -> None:
+    """Ask Plivo to transcribe archived recordings that have no transcript (costs money)."""
+    since_ms = _since_ms(since)
+    svc = services(current_app)
+    total = count_lacking(svc, since_ms, ordered_too=False)
+    if not yes:
+        click.echo(
+            f"{total} archived recording(s) have no transcript; Plivo charges for each one "
+            "transcribed. Run again with --yes to order them."
+        )
+        return
+    click.echo(f"ordering transcripts of {total} recording(s)")
+    with _progress(total, "recording") as bar:
+        try:
+            result = order_transcripts(
+                svc, since_ms, progress=lambda: bar.update(1), warn=tqdm.write
+            )
+        except PlivoError as exc:
+            raise click.ClickException(f"Plivo: {exc.message} (after {bar.n} recordings)") from None
+    click.echo(result.summary())
+
+
 @cli.command("verify")
 def verify() -> None:
-    """Re-read every archived object, compare its SHA-256 and size; exit 1 on any mismatch."""
+    """Re-read every archived object (audio and transcripts), compare its SHA-256 and size;
+    exit 1 on any mismatch."""
     svc = services(current_app)
     with transaction(svc.sessions) as session:
-        rows = session.execute(
+        rows = list(
+            session.execute(
+                select(
+                    Recording.recording_id,
+                    Recording.archive_key,
+                    Recording.archive_version_id,
+                    Recording.archive_size,
+                    Recording.archive_sha256,
+                )
+                .where(Recording.status == Status.ARCHIVED, Recording.archive_key.is_not(None))
+                .order_by(Recording.id)
+            ).all()
+        )
+        # Transcripts archived beside the audio, under the SHA-256 on file since receipt.
+        rows += session.execute(
             select(
-                Recording.recording_id,
-                Recording.archive_key,
-                Recording.archive_version_id,
-                Recording.archive_size,
-                Recording.archive_sha256,
+                Transcript.recording_id + " (transcript)",
+                Transcript.archive_key,
+                Transcript.archive_version_id,
+                Transcript.archive_size,
+                Transcript.sha256,
             )
-            .where(Recording.status == Status.ARCHIVED, Recording.archive_key.is_not(None))
-            .order_by(Recording.id)
+            .where(Transcript.archived_at.is_not(None))
+            .order_by(Transcript.id)
         ).all()
     bad = 0
     with _progress(len(rows), "object") as bar:

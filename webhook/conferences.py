@@ -21,6 +21,7 @@ from webhook.errors import APIError, PlivoError
 from webhook.models import ConferenceClaim, Recording, Status, utcnow
 from webhook.notices import Member, notify_members
 from webhook.recordings import insert_ignoring_conflict, record_start
+from webhook.transcripts import transcription_url_for
 
 if TYPE_CHECKING:
     from webhook import Services
@@ -135,6 +136,7 @@ def start_recording(svc: Services, name: str, file_format: str, started_by: str)
                 name,
                 file_format,
                 settings.public_url + "/plivo/recording" + CALLBACK_RETRY_FRAGMENT,
+                transcription_url=transcription_url_for(settings),
             )
         recording_id = started.get("recording_id")
         if not recording_id:

@@ -88,6 +88,7 @@ class Settings:
     recording_notice_voice: str = "WOMAN"
     recording_notice_language: str = "en-US"
     delete_from_plivo_after_days: float | None = None
+    transcription: str = "off"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], instance_path: str) -> Settings:
@@ -130,6 +131,7 @@ class Settings:
             media_read_timeout_seconds=_int(env, "MEDIA_READ_TIMEOUT_SECONDS", 60, minimum=1) or 0,
             media_min_bytes_per_second=_int(env, "MEDIA_MIN_BYTES_PER_SECOND", 32768) or 0,
             **_policy(env, public_url),
+            transcription=_transcription(env),
         )
 
     def replace(self, **changes: Any) -> Settings:
@@ -204,6 +206,17 @@ def _policy(env: Mapping[str, str], public_url: str | None) -> dict[str, Any]:
         "recording_notice_language": language,
         "delete_from_plivo_after_days": _days(env, "DELETE_FROM_PLIVO_AFTER_DAYS"),
     }
+
+
+TRANSCRIPTION_MODES = ("off", "auto")
+
+
+def _transcription(env: Mapping[str, str]) -> str:
+    # Plivo charges for every transcript: only an explicit `auto` asks for them.
+    mode = env.get("TRANSCRIPTION", "").strip().lower() or "off"
+    if mode not in TRANSCRIPTION_MODES:
+        raise ConfigError(f"TRANSCRIPTION must be off or auto, got {mode!r}")
+    return mode
 
 
 def load(instance_path: str, env: Mapping[str, str] | None = None) -> Settings:

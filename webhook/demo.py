@@ -86,7 +86,8 @@ def demo_settings(instance_path: str, port: int) -> Settings:
 
 
 def run_demo(port: int, serve: bool, instance_path: str | None = None) -> bool:
-    """Serve, push one signed callback through, show the result; True if the audio is byte-exact."""
+    """Serve, push one signed recording and its transcript through, show the result (found by a
+    phrase of its transcript); True if the audio is byte-exact and the search finds it."""
     # Keep the demo's output readable: only errors from the service's own JSON logs (the refused
     # forgery is shown by the demo itself).
     logs.configure(logging.ERROR)
@@ -146,6 +147,8 @@ def run_demo(port: int, serve: bool, instance_path: str | None = None) -> bool:
         timeout=10,
     )
     click.echo(f"forged:    the same callback with a bad signature -> {forged.status_code}")
+    transcribed = _send_transcript(settings.plivo_auth_token, base, recording_id)
+    click.echo(f"transcript: Plivo's transcription callback, signed -> {transcribed.status_code}")
 
     jobs = Worker(svc).run(once=True)
     click.echo(f"worker:    archived {jobs} recording(s)")
@@ -157,6 +160,23 @@ def run_demo(port: int, serve: bool, instance_path: str | None = None) -> bool:
     shown = requests.get(f"{base}/api/recordings/{recording_id}", headers=headers, timeout=10)
     click.echo(f"api:       GET /api/recordings/{recording_id} ->")
     click.echo(json.dumps(shown.json(), indent=2))
+    found = requests.get(
+        f"{base}/api/recordings",
+        params={"q": DEMO_SEARCH},
+        headers=headers,
+        timeout=10,
+    ).json()["recordings"]
+    hit = next((r for r in found if r["recording_id"] == recording_id), None)
+    click.echo(f"search:    GET /api/recordings?q={DEMO_SEARCH} -> {len(found)} found")
+    if hit is not None:
+        click.echo(f"           snippet: {hit['snippet']}")
+    transcript = requests.get(
+        f"{base}/api/recordings/{recording_id}/transcript", headers=headers, timeout=10
+    ).json()
+    archived_transcript = (transcript.get("archive") or {}).get("key")
+    click.echo(
+        f"           transcript SHA-256 {transcript['sha256']}, archived as {archived_transcript}"
+    )
     played = requests.get(
         f"{base}/api/recordings/{recording_id}/audio", headers=headers, timeout=10
     )
@@ -167,6 +187,7 @@ def run_demo(port: int, serve: bool, instance_path: str | None = None) -> bool:
         f" -> {'byte-exact' if exact else 'DIFFERENT'}"
     )
     media.shutdown()
+    exact = exact and hit is not None
     if not serve:
         _close(svc, server, staff_name)
         return exact
@@ -185,6 +206,36 @@ def run_demo(port: int, serve: bool, instance_path: str | None = None) -> bool:
     finally:
         _close(svc, server, staff_name)
     return exact
+
+
+DEMO_TRANSCRIPT = (
+    "Speaker 0: Good morning, this call is recorded for compliance.\n"
+    "Speaker 1: Understood. I would like to confirm the order for the treasury bonds."
+)
+DEMO_SEARCH = '"treasury bonds"'
+
+
+def _send_transcript(auth_token: str, base: str, recording_id: str) -> requests.Response:
+    """Plivo's transcription callback for the demo recording, signed as Plivo signs it."""
+    params = {
+        "transcription": DEMO_TRANSCRIPT,
+        "recording_id": recording_id,
+        "call_uuid": str(uuid.uuid4()),
+        "duration": "2",
+        "transcription_charge": "0.00",
+        "transcription_rate": "0.05",
+    }
+    url = f"{base}/plivo/transcription"
+    nonce = secrets.token_hex(10)
+    signature = sign(
+        auth_token, signature_base("POST", url, {k: [v] for k, v in params.items()}), nonce
+    )
+    return requests.post(
+        url,
+        data=params,
+        headers={"X-Plivo-Signature-V3": signature, NONCE_HEADER: nonce},
+        timeout=10,
+    )
 
 
 def _close(svc: Services, server: BaseWSGIServer, staff_name: str) -> None:

@@ -116,6 +116,12 @@ class Recording(Base):
     participants: Mapped[list[Participant]] = relationship(
         back_populates="recording", order_by="Participant.id", cascade="all, delete-orphan"
     )
+    # Keyed by recording_id, not a foreign key: a transcript may be stored before its recording.
+    transcript: Mapped[Transcript | None] = relationship(
+        primaryjoin="foreign(Transcript.recording_id) == Recording.recording_id",
+        viewonly=True,
+        uselist=False,
+    )
 
     __table_args__ = (
         # Pattern ops: the same index serves `conference =` and `conference_prefix` (LIKE 'x%')
@@ -371,3 +377,49 @@ class PlivoDeletion(Base):
     at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     outcome: Mapped[str] = mapped_column(String(16))
     error: Mapped[str | None] = mapped_column(Text)
+
+
+# Transcripts waiting for the archive (the audio's archiving decides when they may go).
+TRANSCRIPTS_UNARCHIVED = text("archived_at IS NULL AND sha256 IS NOT NULL")
+
+
+class Transcript(Base):
+    """Plivo's transcript of a recording, one per recording, stored as first received.
+
+    Keyed by Plivo's recording id without a foreign key: a transcript may arrive before the
+    recording's own callback. `sha256` is the digest of the JSON document archived beside the
+    audio (webhook.transcripts.document), known from the moment the transcript is stored.
+    """
+
+    __tablename__ = "transcripts"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    recording_id: Mapped[str] = mapped_column(String(64), unique=True)
+    # received (text, perhaps empty), error (Plivo could not transcribe), ordered (asked for)
+    status: Mapped[str] = mapped_column(String(16))
+    text: Mapped[str | None] = mapped_column(Text, deferred=True)
+    chars: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    # Plivo's own fields (call_uuid, duration, charge, rate…) as signed strings, with the source
+    # (callback or api) and the time of receipt.
+    details: Mapped[dict[str, Any]] = mapped_column(JSON)
+    sha256: Mapped[str | None] = mapped_column(String(64))
+    received_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    archive_key: Mapped[str | None] = mapped_column(String(512))
+    archive_size: Mapped[int | None] = mapped_column(BigInteger)
+    archive_version_id: Mapped[str | None] = mapped_column(String(1024))
+    archived_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    # While archiving: when the claim lapses; after a failure: when to try again.
+    archive_next_attempt_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    archive_attempts: Mapped[int] = mapped_column(Integer, default=0)
+    archive_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    __table_args__ = (
+        Index(
+            "ix_transcripts_unarchived",
+            "id",
+            postgresql_where=TRANSCRIPTS_UNARCHIVED,
+            sqlite_where=TRANSCRIPTS_UNARCHIVED,
+        ),
+    )

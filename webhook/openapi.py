@@ -93,6 +93,13 @@ FILTER_PARAMS = [
         "them); true: every participant was",
         {"type": "string", "enum": ["true", "false"]},
     ),
+    _query(
+        "q",
+        'Transcript words: all of `word`s, `"a phrase"`, `OR` between alternatives, `-word` '
+        "to exclude; exact words (no stemming), case-insensitive, accents kept. Hits carry a "
+        "`snippet` with the matched words marked « ».",
+        TEXT,
+    ),
 ]
 PAGE_PARAMS = [
     _query(
@@ -213,6 +220,48 @@ SCHEMAS: dict[str, Any] = {
                     },
                 },
             },
+            "transcript": _ref("TranscriptSummary"),
+            "snippet": {
+                "type": ["string", "null"],
+                "description": "Only with q: an extract of the transcript, matches marked « »",
+            },
+        },
+    },
+    "TranscriptSummary": {
+        "type": ["object", "null"],
+        "description": "null when the recording has no transcript",
+        "properties": {
+            "status": {"type": "string", "enum": ["received", "error", "ordered"]},
+            "sha256": {"type": ["string", "null"], "pattern": "^[0-9a-f]{64}$"},
+            "chars": NULLABLE_INT,
+            "error": NULLABLE_STRING,
+            "archived_at": NULLABLE_STRING,
+        },
+    },
+    "Transcript": {
+        "type": "object",
+        "required": ["recording_id", "status", "text", "sha256", "error"],
+        "properties": {
+            "recording_id": STRING,
+            "status": {"type": "string", "enum": ["received", "error", "ordered"]},
+            "text": {
+                "type": ["string", "null"],
+                "description": "Exactly as Plivo sent it (Speaker N: labels and line breaks)",
+            },
+            "chars": NULLABLE_INT,
+            "sha256": {
+                "type": ["string", "null"],
+                "description": "SHA-256 of the JSON document archived beside the audio",
+            },
+            "error": {
+                "type": ["string", "null"],
+                "description": "Plivo's reason for not transcribing (too long, too big, …)",
+            },
+            "source": {"type": ["string", "null"], "enum": ["callback", "api", None]},
+            "received_at": NULLABLE_STRING,
+            "plivo": {"type": "object", "additionalProperties": STRING},
+            "archive": _ref("Archive"),
+            "archive_error": NULLABLE_STRING,
         },
     },
     "RecordingPage": {
@@ -297,12 +346,35 @@ CALLBACK_FIELDS = {
 }
 
 
-def _callback_operation(method: str) -> dict[str, Any]:
+TRANSCRIPTION_FIELDS = {
+    "type": "object",
+    "required": ["recording_id"],
+    "properties": {
+        "transcription": STRING,
+        "recording_id": STRING,
+        "call_uuid": STRING,
+        "duration": STRING,
+        "transcription_charge": STRING,
+        "transcription_rate": STRING,
+        "error": STRING,
+    },
+}
+
+
+def _callback_operation(
+    method: str, kind: str = "recording", fields: dict[str, Any] = CALLBACK_FIELDS
+) -> dict[str, Any]:
+    naming = (
+        "Field names in snake_case (Record API) or CamelCase (Conference XML)."
+        if kind == "recording"
+        else "Stored once per recording, whether before or after the recording's callback; "
+        "`transcription` or `error` is required."
+    )
     operation: dict[str, Any] = {
         "tags": ["plivo"],
-        "summary": f"Plivo's recording callback ({method})",
+        "summary": f"Plivo's {kind} callback ({method})",
         "description": "Signed with X-Plivo-Signature-V3 (or -Ma-V3) over PUBLIC_URL + path. "
-        "Field names in snake_case (Record API) or CamelCase (Conference XML).",
+        + naming,
         "security": [],
         "parameters": [
             {"name": "X-Plivo-Signature-V3", "in": "header", "schema": TEXT},
@@ -322,7 +394,7 @@ def _callback_operation(method: str) -> dict[str, Any]:
     if method == "POST":
         operation["requestBody"] = {
             "required": True,
-            "content": {"application/x-www-form-urlencoded": {"schema": CALLBACK_FIELDS}},
+            "content": {"application/x-www-form-urlencoded": {"schema": fields}},
         }
     return operation
 
@@ -352,6 +424,10 @@ def openapi_document() -> dict[str, Any]:
             "/plivo/recording": {
                 "post": _callback_operation("POST"),
                 "get": _callback_operation("GET"),
+            },
+            "/plivo/transcription": {
+                "post": _callback_operation("POST", "transcription", TRANSCRIPTION_FIELDS),
+                "get": _callback_operation("GET", "transcription", TRANSCRIPTION_FIELDS),
             },
             "/api/conferences/{name}/recording": {
                 "parameters": [CONFERENCE_NAME],
@@ -461,11 +537,24 @@ def openapi_document() -> dict[str, Any]:
                     },
                 },
             },
+            "/api/recordings/{recording_id}/transcript": {
+                "parameters": [RECORDING_ID],
+                "get": {
+                    "tags": ["compliance"],
+                    "summary": "A recording's transcript, its SHA-256 and archive (compliance)",
+                    "responses": {
+                        "200": _json("The transcript", _ref("Transcript")),
+                        "404": _error("No transcript of this recording"),
+                        **STAFF_ERRORS,
+                    },
+                },
+            },
             "/api/recordings/{recording_id}/legal-hold": {
                 "parameters": [RECORDING_ID],
                 "put": {
                     "tags": ["admin"],
-                    "summary": "Place or lift an S3 Object Lock legal hold (admin)",
+                    "summary": "Place or lift an S3 Object Lock legal hold on the audio and its "
+                    "transcript (admin)",
                     "requestBody": {
                         "required": True,
                         "content": {

@@ -96,17 +96,42 @@ class PlivoClient:
         return PlivoError(502, "plivo_unreachable", "Plivo could not be reached")
 
     def start_recording(
-        self, conference_name: str, file_format: str, callback_url: str
+        self,
+        conference_name: str,
+        file_format: str,
+        callback_url: str,
+        transcription_url: str | None = None,
     ) -> dict[str, Any]:
-        """Start recording a running conference; Plivo answers with the new `recording_id`."""
+        """Start recording a running conference; Plivo answers with the new `recording_id`.
+
+        With a `transcription_url`, Plivo also transcribes the recording (it charges for it)
+        and posts the transcript there.
+        """
+        body = {
+            "file_format": file_format,
+            "callback_url": callback_url,
+            "callback_method": "POST",
+        }
+        if transcription_url:
+            body.update(
+                transcription_type="auto",
+                transcription_url=transcription_url,
+                transcription_method="POST",
+            )
+        return self._call(
+            "POST", f"Conference/{quote(conference_name, safe='')}/Record/", json=body
+        )
+
+    def get_transcription(self, recording_id: str) -> dict[str, Any]:
+        """The transcript Plivo made of a recording (404 PlivoError when it has none)."""
+        return self._call("GET", f"Transcription/{quote(recording_id, safe='')}/")
+
+    def order_transcription(self, recording_id: str, callback_url: str) -> dict[str, Any]:
+        """Ask Plivo to transcribe an existing recording (charged); it calls back when done."""
         return self._call(
             "POST",
-            f"Conference/{quote(conference_name, safe='')}/Record/",
-            json={
-                "file_format": file_format,
-                "callback_url": callback_url,
-                "callback_method": "POST",
-            },
+            f"Transcription/{quote(recording_id, safe='')}/",
+            json={"transcription_callback_url": callback_url},
         )
 
     def stop_recording(self, conference_name: str) -> None:

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session, object_session, selectinload
 
 from webhook.db import rowcount
 from webhook.errors import BadParameter
-from webhook.models import LegalHoldEvent, Participant, Recording, Status, utcnow
+from webhook.models import LegalHoldEvent, Participant, Recording, Status, Transcript, utcnow
 from webhook.notices import notices_of, notified_at
 
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -306,7 +306,7 @@ def find(session: Session, recording_id: str) -> Recording | None:
     return session.scalars(
         select(Recording)
         .where(Recording.recording_id == recording_id)
-        .options(selectinload(Recording.participants))
+        .options(selectinload(Recording.participants), selectinload(Recording.transcript))
     ).one_or_none()
 
 
@@ -425,7 +425,21 @@ def to_json(
     body["notices"] = notices
     body["plivo_deleted_at"] = _iso(recording.plivo_deleted_at)
     body["archive_mismatch"] = recording.archive_mismatch
+    body["transcript"] = transcript_summary(recording.transcript)
     return body
+
+
+def transcript_summary(transcript: Transcript | None) -> dict[str, Any] | None:
+    """The recording's `transcript` object: whether there is one, its state and digest."""
+    if transcript is None:
+        return None
+    return {
+        "status": transcript.status,
+        "sha256": transcript.sha256,
+        "chars": transcript.chars,
+        "error": transcript.error,
+        "archived_at": _iso(transcript.archived_at),
+    }
 
 
 def requeue(session: Session, condition: ColumnElement[bool]) -> int:

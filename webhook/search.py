@@ -10,9 +10,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Select, exists, or_, select, tuple_
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, joinedload
 
 from webhook.errors import BadParameter
+from webhook.fulltext import TextQuery, matching_recordings, parse_query, snippets
 from webhook.models import Participant, Recording, Status
 from webhook.notices import notices_of, some_participant_not_notified
 from webhook.recordings import participant_key, participants_of, to_json
@@ -76,6 +77,7 @@ class RecordingFilter:
     retained_after: dt.datetime | None = None
     retained_before: dt.datetime | None = None
     notified: bool | None = None
+    q: TextQuery | None = None
 
 
 def parse_time(name: str, raw: str) -> dt.datetime:
@@ -131,6 +133,7 @@ def parse_filter(args: Mapping[str, str]) -> RecordingFilter:
     since, until = text("since"), text("until")
     low, high = text("min_duration"), text("max_duration")
     retained_after, retained_before = text("retained_until_after"), text("retained_until_before")
+    q = text("q")
     result = RecordingFilter(
         conference=text("conference"),
         conference_prefix=text("conference_prefix"),
@@ -148,6 +151,7 @@ def parse_filter(args: Mapping[str, str]) -> RecordingFilter:
         if retained_before
         else None,
         notified=None if notified is None else notified == "true",
+        q=parse_query(q) if q else None,
     )
     if (
         result.since_ms is not None
@@ -213,6 +217,8 @@ def recordings_query(f: RecordingFilter, after: Cursor | None = None) -> Select[
         # false: some participant was not told; true: every participant was.
         untold = some_participant_not_notified()
         query = query.where(untold if f.notified is False else ~untold)
+    if f.q is not None:
+        query = query.where(Recording.recording_id.in_(matching_recordings(f.q)))
     if after is not None:
         # A row-value comparison, so the index on (start_ms, id) bounds the scan at any depth.
         query = query.where(
@@ -230,9 +236,31 @@ def recordings_page(
     limit = parse_limit(args.get("limit"))
     raw_cursor = args.get("cursor")
     after = Cursor.decode(raw_cursor) if raw_cursor else None
-    rows = list(session.scalars(recordings_query(filters, after).limit(limit + 1)))
+    rows = page_of_recordings(session, filters, after, limit + 1)
     page, more = rows[:limit], len(rows) > limit
+    next_cursor = Cursor(page[-1].start_ms, page[-1].id).encode() if more else None
+    return shown(session, filters, page), next_cursor
+
+
+def page_of_recordings(
+    session: Session, filters: RecordingFilter, after: Cursor | None, limit: int
+) -> list[Recording]:
+    """Matching recordings with their transcript's summary (not its text) loaded alongside."""
+    # Joined, not a second query: one transcript at most per recording, by a unique key.
+    query = recordings_query(filters, after).options(joinedload(Recording.transcript))
+    return list(session.scalars(query.limit(limit)))
+
+
+def shown(
+    session: Session, filters: RecordingFilter, page: list[Recording]
+) -> list[dict[str, Any]]:
+    """A page of recordings as the API shows them: participants and notices loaded in one query
+    each and, with `q`, each hit's short extract of its transcript, the words marked."""
     participants = participants_of(session, [r.id for r in page])
     notices = notices_of(session, [r.id for r in page])
-    next_cursor = Cursor(page[-1].start_ms, page[-1].id).encode() if more else None
-    return [to_json(r, participants[r.id], notices[r.id]) for r in page], next_cursor
+    bodies = [to_json(r, participants[r.id], notices[r.id]) for r in page]
+    if filters.q is not None:
+        found = snippets(session, filters.q, [r.recording_id for r in page])
+        for recording, body in zip(page, bodies, strict=True):
+            body["snippet"] = found.get(recording.recording_id)
+    return bodies

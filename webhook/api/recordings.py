@@ -22,11 +22,13 @@ from webhook.archive.deletion import deletion_history
 from webhook.audit import note_recordings
 from webhook.auth import require
 from webhook.db import request_session
-from webhook.errors import BadParameter
+from webhook.edge import check_recording_id
+from webhook.errors import APIError, BadParameter
 from webhook.models import Role
-from webhook.notices import notices_of
-from webhook.recordings import legal_hold_history, participants_of, to_json
-from webhook.search import Cursor, parse_filter, recordings_page, recordings_query
+from webhook.recordings import legal_hold_history, to_json
+from webhook.search import Cursor, page_of_recordings, parse_filter, recordings_page, shown
+from webhook.transcripts import find as find_transcript
+from webhook.transcripts import to_json as transcript_json
 
 bp = Blueprint("recordings", __name__)
 
@@ -50,6 +52,9 @@ EXPORT_COLUMNS = (
     "attempts",
     "last_error",
     "plivo_deleted_at",
+    "transcript_status",
+    "transcript_sha256",
+    "snippet",
 )
 
 
@@ -93,18 +98,18 @@ def _export_rows() -> Iterator[dict[str, object]]:
     session = request_session()
     after: Cursor | None = None
     while True:
-        batch = list(session.scalars(recordings_query(filters, after).limit(EXPORT_BATCH)))
-        participants = participants_of(session, [r.id for r in batch])
-        notices = notices_of(session, [r.id for r in batch])
-        for recording in batch:
-            body = to_json(recording, participants[recording.id], notices[recording.id])
+        batch = page_of_recordings(session, filters, after, EXPORT_BATCH)
+        for body in shown(session, filters, batch):
             archive = body.pop("archive") or {}
+            transcript = body.get("transcript") or {}
             body.update(
                 {
                     "archive_key": archive.get("key"),
                     "archive_size": archive.get("size"),
                     "archive_sha256": archive.get("sha256"),
                     "archived_at": archive.get("archived_at"),
+                    "transcript_status": transcript.get("status"),
+                    "transcript_sha256": transcript.get("sha256"),
                 }
             )
             yield body
@@ -149,6 +154,17 @@ def export_recordings() -> Response:
     response = Response(stream_with_context(body), mimetype=mimetype)
     response.headers["Content-Disposition"] = f'attachment; filename="recordings.{fmt}"'
     return response
+
+
+@bp.get("/recordings/<recording_id>/transcript")
+@require(Role.COMPLIANCE)
+def get_transcript(recording_id: str) -> Response:
+    """A recording's transcript: the text exactly as Plivo sent it, its digest and archive."""
+    note_recordings(check_recording_id(recording_id))
+    transcript = find_transcript(request_session(), recording_id)
+    if transcript is None:
+        raise APIError(404, "transcript_not_found", f"No transcript of recording {recording_id!r}")
+    return jsonify(transcript_json(transcript))
 
 
 @bp.put("/recordings/<recording_id>/legal-hold")

@@ -24,6 +24,7 @@ from webhook.archive.deletion import DELETE_EVERY_SECONDS, delete_from_plivo
 from webhook.archive.media import MediaError, RefusedMedia, RefusedURL, media_limits, open_media
 from webhook.archive.reconcile import reconcile
 from webhook.archive.storage import HashingReader, Interrupted, StorageError, StoredObject
+from webhook.archive.transcripts import archive_transcripts
 from webhook.db import rowcount, transaction
 from webhook.errors import BadParameter, PlivoError
 from webhook.models import Recording, Schedule, Status, utcnow
@@ -36,6 +37,8 @@ log = logging.getLogger(__name__)
 
 CONTENT_TYPES = {"mp3": "audio/mpeg", "wav": "audio/wav"}
 MAX_RETRY_DELAY = 6 * 3600.0
+# How often a transcript that came after its audio was archived (or failed) is looked for.
+TRANSCRIPT_CHORE_SECONDS = 5
 
 # Failures of the media host, the network or the archive: worth another attempt later.
 RETRYABLE = (
@@ -271,6 +274,8 @@ class Worker:
             last_error=None,
             next_attempt_at=None,
         )
+        if marked:
+            self.archive_transcripts(job.recording_id)
         log.info(
             "archived" if marked else "archived, but the lease had passed to another worker",
             extra={
@@ -361,6 +366,19 @@ class Worker:
             return
         log.info(result.summary(), extra={"queued": result.queued, "seen": result.seen})
 
+    def archive_transcripts(self, recording_id: str | None = None) -> None:
+        """Archive transcripts beside their archived audio; a failure never reaches the audio."""
+        try:
+            archived = archive_transcripts(self.services, recording_id)
+        except RETRYABLE as exc:
+            log.warning("transcripts not archived: %s", exc, extra={"recording_id": recording_id})
+            return
+        except DBAPIError as exc:
+            log.warning("transcripts not archived: %s", exc.orig)
+            return
+        if archived and recording_id is None:
+            log.info("transcripts archived", extra={"count": archived})
+
     def _chores(self) -> None:
         every = self.settings.reconcile_interval_seconds
         plivo_configured = self.settings.plivo_auth_id and self.settings.plivo_auth_token
@@ -376,6 +394,8 @@ class Worker:
         deleting = self.settings.delete_from_plivo_after_days is not None and plivo_configured
         if deleting and self._turn_is_ours("delete-from-plivo", DELETE_EVERY_SECONDS):
             self.delete_from_plivo()
+        if self._turn_is_ours("transcripts", TRANSCRIPT_CHORE_SECONDS):
+            self.archive_transcripts()
 
     def run(self, once: bool = False, poll_seconds: float = 1.0) -> int:
         """Archive until stopped (with `once`: until nothing is due); answer how many jobs ran.
@@ -400,6 +420,8 @@ class Worker:
                 continue
             if job is None:
                 if once:
+                    # Also the transcripts that came after their audio was archived.
+                    self.archive_transcripts()
                     break
                 self.stop.wait(poll_seconds)
                 continue
