@@ -12,7 +12,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import select, update
 
-from tests.conftest import ON_POSTGRES, token_for
+from tests.conftest import ON_POSTGRES, post_transcription, token_for
 from tests.test_api import MEMBERS, Seed, audit_events, seed
 from webhook import services
 from webhook.auth import revoke_staff
@@ -306,19 +306,12 @@ def test_unknown_recording_is_a_404_page(app):
     assert "No recording &#39;nope&#39;" in answer.text
 
 
-def test_transcript_is_shown_when_the_recording_has_one_with_search_words_marked(app, monkeypatch):
+def test_transcript_is_shown_when_the_recording_has_one_with_search_words_marked(app, plivo):
     seed(app, Seed("t1"))
     client = signed_in(app)
     assert "Transcript" not in client.get("/console/recordings/t1").text
-    import webhook.console as console
-
-    def with_transcript(recording: Recording, participants: Any = None) -> dict[str, Any]:
-        body = real(recording, participants)
-        body["transcript"] = {"status": "received", "text": "Sell the <b>bonds</b> today."}
-        return body
-
-    real = console.to_json
-    monkeypatch.setattr(console, "to_json", with_transcript)
+    fields = plivo.transcribe("t1", "Sell the <b>bonds</b> today.")
+    assert post_transcription(app.test_client(), plivo, fields).status_code == 200
     page = client.get("/console/recordings/t1?q=bonds+-today")
     assert "<mark>bonds</mark>" in page.text and "&lt;b&gt;" in page.text
     assert "<mark>today</mark>" not in page.text
@@ -410,17 +403,11 @@ def test_signing_in_again_replaces_the_browsers_session(app):
     assert replay.get("/console/").status_code == 302
 
 
-def test_search_hits_show_their_transcript_snippet_with_the_words_marked(app, monkeypatch):
-    seed(app, Seed("n1"))
-    import webhook.console as console
-
-    def with_snippet(session: Any, args: Any) -> Any:
-        recordings, cursor = real(session, args)
-        for r in recordings:
-            r["snippet"] = "…we should sell the bonds…"
-        return recordings, cursor
-
-    real = console.recordings_page
-    monkeypatch.setattr(console, "recordings_page", with_snippet)
+def test_search_hits_show_their_transcript_snippet_with_the_words_marked(app, plivo):
+    seed(app, Seed("n1"), Seed("n2"))
+    fields = plivo.transcribe("n1", "Speaker 0: we should sell the <b>bonds</b> today")
+    assert post_transcription(app.test_client(), plivo, fields).status_code == 200
     page = signed_in(app).get("/console/?q=bonds")
-    assert '<div class="snippet">…we should sell the <mark>bonds</mark>…</div>' in page.text
+    assert "n1" in page.text and "n2" not in page.text
+    assert "<mark>bonds</mark>" in page.text
+    assert "&lt;b&gt;" in page.text and "«" not in page.text  # escaped; marks become <mark>

@@ -15,7 +15,7 @@ from urllib.parse import quote
 import pytest
 import requests
 
-from tests.conftest import CALLBACK_URL, PUBLIC_URL, free_port
+from tests.conftest import CALLBACK_URL, PUBLIC_URL, free_port, mp3_bytes
 from tests.fakeplivo import FakePlivo
 from tests.processes import process_env, run_all
 from tests.test_e2e import (  # noqa: F401 - `service` is a fixture
@@ -136,7 +136,7 @@ def test_transcripts_end_to_end_in_the_procfiles_processes(
         assert record_call["transcription_method"] == "POST"
 
         # --- its transcript comes BEFORE its recording callback -------------------------------
-        early_audio = os.urandom(256 * 1024)
+        early_audio = mp3_bytes(256 * 1024)
         early_recording = plivo.finish_recording(early_id, early_audio)
         early_words = plivo.transcribe(early_id, EARLY_TEXT)
         answer = deliver_transcript(early_words)
@@ -147,7 +147,7 @@ def test_transcripts_end_to_end_in_the_procfiles_processes(
 
         # --- another's comes AFTER its recording was archived ---------------------------------
         late_id = f"late-{early_id}"
-        late_audio = os.urandom(256 * 1024)
+        late_audio = mp3_bytes(256 * 1024)
         late_recording = plivo.finish_recording(late_id, late_audio, conference_name="Ops")
         callback = plivo.send_callback(recording_socket, late_recording, sign_url=CALLBACK_URL)
         assert callback.status_code == 200, callback.text
@@ -178,7 +178,7 @@ def test_transcripts_end_to_end_in_the_procfiles_processes(
 
         # --- an error callback leaves the recording archived and shows the error ---------------
         error_id = f"too-long-{early_id}"
-        error_recording = plivo.finish_recording(error_id, b"x" * 4096, conference_name="Ops")
+        error_recording = plivo.finish_recording(error_id, mp3_bytes(4096), conference_name="Ops")
         too_long = "Recording duration too long for transcription"
         assert deliver_transcript(plivo.transcribe(error_id, "", error=too_long)).status_code == 200
         plivo.send_callback(recording_socket, error_recording, sign_url=CALLBACK_URL)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,15 @@ import pytest
 from flask import Flask
 from sqlalchemy import select, update
 
-from tests.conftest import AppFactory, make_bucket, post_callback, post_transcription, token_for
+from tests.conftest import (
+    MP3_TAG,
+    AppFactory,
+    make_bucket,
+    mp3_bytes,
+    post_callback,
+    post_transcription,
+    token_for,
+)
 from tests.fakeplivo import FakePlivo
 from webhook import services
 from webhook.archive.storage import StorageError
@@ -28,7 +35,7 @@ from webhook.models import Recording, Role, Status, Transcript
 TEXT = "Speaker 0: a guaranteed return, I promise.\nSpeaker 1: Ça va, 東京."
 
 
-def queue(app: Flask, plivo: FakePlivo, recording_id: str, audio: bytes = b"audio") -> None:
+def queue(app: Flask, plivo: FakePlivo, recording_id: str, audio: bytes = MP3_TAG) -> None:
     params = plivo.finish_recording(recording_id, audio)
     assert post_callback(app.test_client(), plivo, params).status_code == 200
 
@@ -155,7 +162,7 @@ def locked_app(make_app: AppFactory, s3_endpoint: str) -> tuple[Flask, str]:
 def test_transcript_has_the_audios_retention_and_legal_hold(locked_app, plivo, s3) -> None:
     app, bucket = locked_app
     for recording_id in ("held", "held-later"):
-        queue(app, plivo, recording_id, os.urandom(1000))
+        queue(app, plivo, recording_id, mp3_bytes(1000))
     transcribe(app, plivo, "held")
     assert Worker(services(app)).run(once=True) == 2
     audio, kept = recording(app, "held"), transcript(app, "held")
@@ -198,9 +205,11 @@ def test_recordings_started_with_transcription_auto_ask_plivo_for_one(
 ) -> None:
     for setting, asked in (("auto", True), ("off", False)):
         app = make_app(TRANSCRIPTION=setting)
-        plivo.add_conference("Desk")
+        plivo.add_conference(f"Desk-{setting}")  # one recording at a time per conference
         operator = {"Authorization": f"Bearer {token_for(app, Role.OPERATOR)}"}
-        started = app.test_client().post("/api/conferences/Desk/recording", headers=operator)
+        started = app.test_client().post(
+            f"/api/conferences/Desk-{setting}/recording", headers=operator
+        )
         assert started.status_code == 201, started.json
         (body,) = [payload for method, path, payload in plivo.calls if path.endswith("/Record/")]
         plivo.calls.clear()
@@ -287,7 +296,7 @@ def test_transcripts_order_says_how_many_and_orders_only_with_yes(app, plivo, ru
 def test_transcripts_order_refuses_without_public_url(make_app, plivo) -> None:
     app = make_app(PUBLIC_URL="")
     queue_app = app
-    params = plivo.finish_recording("x", b"a")
+    params = plivo.finish_recording("x", MP3_TAG)
     del params  # without PUBLIC_URL no callback is accepted; seed the row directly
     with transaction(services(queue_app).sessions) as session:
         session.add(

@@ -12,7 +12,7 @@ import pytest
 from flask import Flask
 from sqlalchemy import func, select
 
-from tests.conftest import TRANSCRIPTION_URL, post_callback, post_transcription, token_for
+from tests.conftest import MP3_TAG, TRANSCRIPTION_URL, post_callback, post_transcription, token_for
 from webhook import services
 from webhook.db import transaction
 from webhook.fulltext import fts5_expression, parse_query
@@ -40,7 +40,7 @@ def rows(app: Flask, model: Any, **where: Any) -> list[Any]:
 
 
 def record(client: Any, plivo: Any, recording_id: str, conference: str = "Desk") -> None:
-    params = plivo.finish_recording(recording_id, b"audio", conference_name=conference)
+    params = plivo.finish_recording(recording_id, MP3_TAG, conference_name=conference)
     answer = post_callback(client, plivo, params)
     assert answer.status_code == 200, answer.json
 

@@ -40,6 +40,8 @@ from webhook.errors import APIError
 from webhook.models import Role, Status
 from webhook.recordings import legal_hold_history, to_json
 from webhook.search import recordings_page
+from webhook.transcripts import find as find_transcript
+from webhook.transcripts import to_json as transcript_json
 
 bp = Blueprint(
     "console",
@@ -52,6 +54,7 @@ bp.add_app_template_filter(present.when, "when")
 bp.add_app_template_filter(present.duration, "duration")
 bp.add_app_template_filter(present.size, "size")
 bp.add_app_template_filter(present.highlight, "highlight")
+bp.add_app_template_filter(present.marked, "marked")
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -325,12 +328,13 @@ def recording(recording_id: str) -> ResponseReturnValue:
         link = svc.storage.presigned_url(found.archive_key, found.archive_version_id, 1)
         if link is not None:
             g.console_media_origin = _origin(link)
-    transcript = body.get("transcript")
+    # The same transcript, text and all, as GET /api/recordings/<id>/transcript shows.
+    transcript = find_transcript(request_session(), recording_id)
     return render_template(
         "console/recording.html",
         r=body,
         playable=playable,
-        transcript=transcript if isinstance(transcript, dict) else None,
+        transcript=None if transcript is None else transcript_json(transcript),
         history=legal_hold_history(request_session(), recording_id),
         q=request.args.get("q"),
     )

@@ -65,3 +65,12 @@ def highlight(text: str, q: str | None) -> Markup:
         last = match.end()
     out.append(escape(text[last:]))
     return Markup("").join(out)
+
+
+def marked(snippet: str) -> Markup:
+    """A search hit's extract, escaped, with the words the database matched (between « and »)
+    in <mark>."""
+    out: list[str] = []
+    for n, part in enumerate(re.split(r"«(.*?)»", snippet)):
+        out.append(Markup("<mark>%s</mark>") % part if n % 2 else escape(part))
+    return Markup("").join(out)
