@@ -74,6 +74,8 @@ class Settings:
     reconcile_interval_seconds: int
     max_callback_bytes: int
     presign_seconds: int
+    request_read_seconds: int
+    response_write_seconds: int
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], instance_path: str) -> Settings:
@@ -110,6 +112,8 @@ class Settings:
             reconcile_interval_seconds=_int(env, "RECONCILE_INTERVAL_SECONDS", 3600) or 0,
             max_callback_bytes=_int(env, "MAX_CALLBACK_BYTES", 64 * 1024, minimum=1024) or 65536,
             presign_seconds=min(_int(env, "PRESIGN_SECONDS", 60, minimum=1) or 60, 300),
+            request_read_seconds=_int(env, "REQUEST_READ_SECONDS", 10, minimum=1) or 10,
+            response_write_seconds=_int(env, "RESPONSE_WRITE_SECONDS", 30, minimum=1) or 30,
         )
 
     def replace(self, **changes: Any) -> Settings:
