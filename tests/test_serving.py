@@ -34,8 +34,8 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 PROCFILE = read_procfile(ROOT / "Procfile")
 DRIP_SECONDS = 2.0  # a byte this often: never idle long enough for a per-read timeout
-# 300 exported rows of about 4.5 KB: far more than the socket buffers hold when nobody reads.
-EXPORT_ROWS = 300
+# 1000 exported rows of about 8 KB: more than the socket buffers (4 MiB here) hold unread.
+EXPORT_ROWS = 1000
 PROMPT = 2.0  # seconds within which a callback or an API request must be answered
 
 
@@ -109,7 +109,7 @@ def seed_recordings(database_url: str, count: int) -> None:
                     {
                         "recording_id": f"bulk-{i:05d}",
                         "conference_name": "Bulk export",
-                        "record_url": f"https://media.plivo.com/{i}/" + "x" * 4000,
+                        "record_url": f"https://media.plivo.com/{i}/" + "x" * 8000,
                         "start_ms": 1_700_000_000_000 + i,
                         "status": "failed",
                         "attempts": 0,
@@ -133,6 +133,8 @@ class Hostile:
 
     port: int
     compliance: dict[str, str]
+    drip_seconds: float = DRIP_SECONDS
+    read_exports: bool = False  # at the end, read what an unread export was sent
     stopping: threading.Event = field(default_factory=threading.Event)
     threads: list[threading.Thread] = field(default_factory=list)
     cut: list[tuple[str, float, bytes]] = field(default_factory=list)  # kind, seconds, answer
@@ -169,10 +171,10 @@ class Hostile:
                 return
 
     def _drip(self, sock: socket.socket, head: bytes, drip: bytes) -> bytes:
-        """Send `head`, then one byte of `drip` every DRIP_SECONDS (then nothing); what the
+        """Send `head`, then one byte of `drip` every `drip_seconds` (then nothing); what the
         server answered when it let go (b"" for a plain close)."""
         sock.sendall(head)
-        sock.settimeout(DRIP_SECONDS)
+        sock.settimeout(self.drip_seconds)
         remaining = iter(drip)
         while not self.stopping.is_set():
             try:
@@ -210,6 +212,8 @@ class Hostile:
             + f"Authorization: {auth}\r\n\r\n".encode()
         )
         self.stopping.wait()
+        if not self.read_exports:
+            return b"(not read)"
         sock.settimeout(10)
         received = b""
         with suppress(OSError):
@@ -225,6 +229,8 @@ def test_callbacks_and_api_are_answered_promptly_while_slow_clients_hold_connect
     start_web: Callable[..., Web], plivo: FakePlivo
 ) -> None:
     web = start_web()
+    for _ in range(6):  # both processes have built their S3 client (a second of CPU, once)
+        assert requests.get(web.base + "/healthz", timeout=10).status_code == 200
     hostile = Hostile(web.port, web.compliance)
     hostile.start("head", 8)
     hostile.start("body", 8)
@@ -264,4 +270,47 @@ def test_callbacks_and_api_are_answered_promptly_while_slow_clients_hold_connect
     slowest = max(seconds for _, _, seconds in latencies)
     assert slowest < PROMPT, latencies
     assert web.process.running
+    assert "Traceback" not in web.process.output()
+
+
+def test_each_slow_client_is_let_go_within_the_deadlines(
+    start_web: Callable[..., Web],
+) -> None:
+    web = start_web(REQUEST_READ_SECONDS="2", RESPONSE_WRITE_SECONDS="2")
+    # A byte every 0.5 s: a per-read timeout would never fire; the deadline is for the whole.
+    hostile = Hostile(web.port, web.compliance, drip_seconds=0.5, read_exports=True)
+    for kind in ("head", "body", "short", "export"):
+        hostile.start(kind, 1, reconnect=False)
+    # Meanwhile an export that is read runs to its end, however long it takes.
+    began = time.monotonic()
+    export = requests.get(
+        web.base + "/api/recordings/export", headers=web.compliance, timeout=30, stream=True
+    )
+    lines = []
+    for line in export.iter_lines():
+        lines.append(line)
+        if len(lines) % 250 == 0:
+            time.sleep(0.5)  # slower than the write deadline in all, never stalled that long
+    assert export.status_code == 200
+    assert len(lines) == EXPORT_ROWS
+    assert time.monotonic() - began > 2
+    time.sleep(1)
+    hostile.stop()
+
+    outcome = {kind: (seconds, answer) for kind, seconds, answer in hostile.cut}
+    assert set(outcome) == {"head", "body", "short", "export"}, hostile.cut
+    seconds, answer = outcome["head"]
+    assert answer == b"" and seconds < 4, outcome["head"]  # closed, nothing to answer
+    for kind in ("body", "short"):
+        seconds, answer = outcome[kind]
+        assert answer.startswith(b"HTTP/1.1 408 "), outcome[kind]
+        assert b'"error": "request_timeout"' in answer, answer
+        assert seconds < 4, outcome[kind]
+    # The export nobody read: what was sent before the cut, then the end of the connection
+    # without the last chunk of a complete response.
+    _seconds, received = outcome["export"]
+    assert received.startswith(b"HTTP/1.1 200 "), received[:100]
+    assert not received.endswith(b"0\r\n\r\n")
+    assert received.count(b'"recording_id"') < EXPORT_ROWS
+    assert "response not taken within 2 s" in web.process.output()
     assert "Traceback" not in web.process.output()

@@ -21,6 +21,7 @@ import io
 import json
 import socket
 import sys
+from collections.abc import Iterable, Iterator
 from contextlib import suppress
 from typing import Any
 
@@ -38,6 +39,7 @@ DEFAULT_BODY_LIMIT = 1024 * 1024
 class Worker(GeventWorker):  # type: ignore[misc]  # gunicorn ships no type hints
     """gunicorn's gevent worker with deadlines for reading requests and writing responses."""
 
+    wsgi: Any  # the app, set by gunicorn's load_wsgi
     read_seconds = DEFAULT_READ_SECONDS
     write_seconds = DEFAULT_WRITE_SECONDS
     body_limit = DEFAULT_BODY_LIMIT
@@ -62,6 +64,7 @@ class Worker(GeventWorker):  # type: ignore[misc]  # gunicorn ships no type hint
         limit = getattr(self.wsgi, "config", {}).get("MAX_CONTENT_LENGTH")
         if limit:
             self.body_limit = int(limit)
+        self.wsgi = _taking_turns(self.wsgi)
 
     def timeout_ctx(self) -> gevent.Timeout:
         """The bound on reading a request head (gunicorn closes the connection when it expires)."""
@@ -113,3 +116,30 @@ class Worker(GeventWorker):  # type: ignore[misc]  # gunicorn ships no type hint
         ).encode()
         with suppress(OSError):  # the client is gone or not reading; it is closed either way
             sock.sendall(head + body)
+
+
+def _taking_turns(app: Any) -> Any:
+    """The app, yielding to the other connections after each piece of a streamed response.
+
+    A greenlet runs until it waits: an export whose client reads fast would otherwise build and
+    send megabytes before a callback on the same process got a turn.
+    """
+
+    def wsgi(environ: dict[str, Any], start_response: Any) -> Any:
+        body = app(environ, start_response)
+        if isinstance(body, environ["wsgi.file_wrapper"]):
+            return body  # sent with sendfile, which waits cooperatively
+        return _one_piece_at_a_time(body)
+
+    return wsgi
+
+
+def _one_piece_at_a_time(body: Iterable[bytes]) -> Iterator[bytes]:
+    try:
+        for piece in body:
+            yield piece
+            gevent.sleep(0)
+    finally:
+        close = getattr(body, "close", None)
+        if close is not None:
+            close()
