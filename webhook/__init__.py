@@ -60,7 +60,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     if settings.database_url.startswith("sqlite") or settings.archive_url.startswith("file:"):
         # The embedded defaults live in the instance folder.
         os.makedirs(app.instance_path, exist_ok=True)
-    engine = make_engine(settings.database_url)
+    engine = make_engine(settings.database_url, timeout=settings.database_timeout_seconds)
     app.extensions["webhook"] = Services(settings, engine, make_session_factory(engine))
 
     logs.init_app(app)

@@ -76,6 +76,7 @@ class Settings:
     presign_seconds: int
     request_read_seconds: int
     response_write_seconds: int
+    database_timeout_seconds: int
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], instance_path: str) -> Settings:
@@ -114,6 +115,8 @@ class Settings:
             presign_seconds=min(_int(env, "PRESIGN_SECONDS", 60, minimum=1) or 60, 300),
             request_read_seconds=_int(env, "REQUEST_READ_SECONDS", 10, minimum=1) or 10,
             response_write_seconds=_int(env, "RESPONSE_WRITE_SECONDS", 30, minimum=1) or 30,
+            # libpq counts a connect timeout below 2 s as 2 s.
+            database_timeout_seconds=_int(env, "DATABASE_TIMEOUT_SECONDS", 5, minimum=2) or 5,
         )
 
     def replace(self, **changes: Any) -> Settings:
