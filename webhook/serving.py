@@ -72,10 +72,13 @@ class Worker(GeventWorker):  # type: ignore[misc]  # gunicorn ships no type hint
 
     def handle_request(self, listener_name: Any, req: Any, sock: socket.socket, addr: Any) -> Any:
         sock.settimeout(self.write_seconds)
+        deadline = gevent.Timeout(self.read_seconds)
         try:
-            with gevent.Timeout(self.read_seconds):
+            with deadline:
                 self._read_body_ahead(req)
-        except gevent.Timeout:
+        except gevent.Timeout as expired:
+            if expired is not deadline:
+                raise
             self.log.info("request body not received within %g s from %s", self.read_seconds, addr)
             self._send_request_timeout(sock)
             raise StopIteration() from None
@@ -127,7 +130,7 @@ def _taking_turns(app: Any) -> Any:
 
     def wsgi(environ: dict[str, Any], start_response: Any) -> Any:
         body = app(environ, start_response)
-        if isinstance(body, environ["wsgi.file_wrapper"]):
+        if isinstance(body, environ.get("wsgi.file_wrapper", ())):
             return body  # sent with sendfile, which waits cooperatively
         return _one_piece_at_a_time(body)
 
