@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlencode
 
 import pytest
 import requests
@@ -274,9 +275,29 @@ def test_callbacks_and_api_are_answered_promptly_while_slow_clients_hold_connect
 
 
 def test_each_slow_client_is_let_go_within_the_deadlines(
-    start_web: Callable[..., Web],
+    start_web: Callable[..., Web], plivo: FakePlivo
 ) -> None:
     web = start_web(REQUEST_READ_SECONDS="2", RESPONSE_WRITE_SECONDS="2")
+    # A client that asks to continue gets "100 Continue" before the body is waited for.
+    params = plivo.finish_recording("expects-continue", b"audio")
+    body = urlencode(params).encode()
+    head = "".join(
+        f"{name}: {value}\r\n"
+        for name, value in {
+            **plivo.sign_request("POST", CALLBACK_URL, params),
+            "Host": "x",
+            "Content-Type": "application/x-www-form-urlencoded",
+            "Content-Length": str(len(body)),
+            "Expect": "100-continue",
+        }.items()
+    )
+    with socket.create_connection(("127.0.0.1", web.port), timeout=10) as sock:
+        sock.sendall(f"POST /plivo/recording HTTP/1.1\r\n{head}\r\n".encode())
+        assert sock.recv(4096).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+        sock.sendall(body)
+        answer = sock.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 200 "), answer
+
     # A byte every 0.5 s: a per-read timeout would never fire; the deadline is for the whole.
     hostile = Hostile(web.port, web.compliance, drip_seconds=0.5, read_exports=True)
     for kind in ("head", "body", "short", "export"):
@@ -292,7 +313,7 @@ def test_each_slow_client_is_let_go_within_the_deadlines(
         if len(lines) % 250 == 0:
             time.sleep(0.5)  # slower than the write deadline in all, never stalled that long
     assert export.status_code == 200
-    assert len(lines) == EXPORT_ROWS
+    assert len(lines) == EXPORT_ROWS + 1  # and the recording above
     assert time.monotonic() - began > 2
     time.sleep(1)
     hostile.stop()

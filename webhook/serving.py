@@ -75,7 +75,7 @@ class Worker(GeventWorker):  # type: ignore[misc]  # gunicorn ships no type hint
         deadline = gevent.Timeout(self.read_seconds)
         try:
             with deadline:
-                self._read_body_ahead(req)
+                self._read_body_ahead(req, sock)
         except gevent.Timeout as expired:
             if expired is not deadline:
                 raise
@@ -88,7 +88,7 @@ class Worker(GeventWorker):  # type: ignore[misc]  # gunicorn ships no type hint
             self.log.info("response not taken within %g s by %s; closed", self.write_seconds, addr)
             raise StopIteration() from None
 
-    def _read_body_ahead(self, req: Any) -> None:
+    def _read_body_ahead(self, req: Any, sock: socket.socket) -> None:
         """Replace the request's body, still on the socket, by the same bytes held in memory."""
         if req.body is None:
             return
@@ -97,6 +97,11 @@ class Worker(GeventWorker):  # type: ignore[misc]  # gunicorn ships no type hint
             # The app refuses it from the header alone (413); the rest is never read.
             req.must_close = True
             return
+        if getattr(req, "_expected_100_continue", False):
+            # The client waits for this before it sends the body; gunicorn would send it only
+            # once the app runs, after the body this waits for.
+            req._expected_100_continue = False
+            sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
         data = req.body.read(self.body_limit + 1)
         if len(data) > self.body_limit:
             # A chunked body over the limit: the app sees more than it accepts and refuses it;
