@@ -711,7 +711,10 @@ def test_s3_down_is_retried_with_the_error_visible_then_archived_once_it_is_back
 
 class TcpProxy:
     """127.0.0.1:port → PostgreSQL; `close()` refuses connections and cuts the open ones,
-    `open()` serves again on the same port. The machine's PostgreSQL itself stays up."""
+    `open()` serves again on the same port. The machine's PostgreSQL itself stays up.
+
+    `black_hole()` is a silent partition: connections stay open and new ones are accepted, but
+    nothing is forwarded either way and nothing is closed; `restore()` forwards again."""
 
     def __init__(self, target_port: int) -> None:
         self.target = ("127.0.0.1", target_port)
@@ -721,6 +724,7 @@ class TcpProxy:
         self._closing = threading.Event()
         self._lock = threading.Lock()
         self._sockets: set[socket.socket] = set()
+        self._holing = threading.Event()
 
     def open(self) -> None:
         listener = socket.socket()
@@ -747,11 +751,22 @@ class TcpProxy:
                 sock.shutdown(socket.SHUT_RDWR)
             sock.close()
 
+    def black_hole(self) -> None:
+        self._holing.set()
+
+    def restore(self) -> None:
+        self._holing.clear()
+
     def _accept(self, listener: socket.socket) -> None:
         while not self._closing.is_set():
             try:
                 client, _ = listener.accept()
             except TimeoutError:
+                continue
+            if self._holing.is_set():
+                # Accepted (the kernel completes the handshake anyway), never answered.
+                with self._lock:
+                    self._sockets.add(client)
                 continue
             try:
                 upstream = socket.create_connection(self.target, timeout=5)
@@ -775,6 +790,8 @@ class TcpProxy:
                         data = key.fileobj.recv(65536)  # type: ignore[union-attr]
                         if not data:
                             return
+                        if self._holing.is_set():
+                            continue  # lost on the way, and nobody is told
                         other[key.fileobj].sendall(data)  # type: ignore[index]
             except (OSError, ValueError):
                 return  # cut by close()
@@ -832,6 +849,95 @@ def test_callback_answers_503_while_the_database_refuses_and_200_once_it_is_back
     assert rows.status("db-down") == Status.PENDING
     assert rows.count(Recording, Recording.recording_id == "db-down") == 1
     assert client.get("/healthz").status_code in (200, 503)  # the archive is not this test's
+
+
+PARTITION_TIMEOUT = 2  # DATABASE_TIMEOUT_SECONDS in the partition tests
+PROMPT_503 = 2 * PARTITION_TIMEOUT + 3  # a pooled connection's ping, then a new connection
+
+
+@pytest.mark.postgres
+@outage_needs_postgres
+def test_silent_database_partition_answers_503_within_seconds_and_recovers(
+    web, plivo, rows, proxy, database_url
+) -> None:
+    app = web(
+        database=through(proxy, database_url), DATABASE_TIMEOUT_SECONDS=str(PARTITION_TIMEOUT)
+    )
+    client = app.test_client()
+    # The pool holds connections that the partition will leave open and silent.
+    assert (
+        post_callback(client, plivo, plivo.finish_recording("hole-warm", b"a")).status_code == 200
+    )
+    assert client.get("/healthz").get_json()["checks"]["database"] == "ok"
+
+    proxy.black_hole()
+    params = plivo.finish_recording("hole-during", b"audio")
+    headers = plivo.sign_request("POST", CALLBACK_URL, params)
+    took = []
+    for _ in range(3):
+        began = time.monotonic()
+        response = client.post("/plivo/recording", data=params, headers=headers)
+        took.append(time.monotonic() - began)
+        assert response.status_code == 503, response.get_json()
+        assert response.get_json()["error"] == "database_unavailable"
+        assert int(response.headers["Retry-After"]) > 0
+        began = time.monotonic()
+        health = client.get("/healthz")
+        took.append(time.monotonic() - began)
+        assert health.status_code == 503
+        assert health.get_json()["checks"]["database"].startswith("unavailable")
+    print("answered in", [f"{t:.2f} s" for t in took])
+    assert max(took) < PROMPT_503, took
+
+    proxy.restore()
+    # The very same signed request: its nonce was never committed, so it is not a replay.
+    response = client.post("/plivo/recording", data=params, headers=headers)
+    assert response.status_code == 200, response.get_json()
+    assert response.get_json()["status"] == "accepted"
+    assert rows.status("hole-during") == Status.PENDING
+    assert rows.count(Recording, Recording.recording_id == "hole-during") == 1
+    assert client.get("/healthz").get_json()["checks"]["database"] == "ok"
+
+
+@pytest.mark.e2e
+@pytest.mark.postgres
+@outage_needs_postgres
+def test_worker_notices_a_silent_database_partition_and_archives_once_it_is_back(
+    web, env, processes, plivo, rows, proxy, database_url, s3, bucket
+) -> None:
+    versioned(s3, bucket)
+    app = web()  # the callbacks reach the database directly; only the worker's path is silenced
+    worker = processes.worker(
+        "worker",
+        env(
+            f"s3://{bucket}/a",
+            DATABASE_URL=through(proxy, database_url),
+            DATABASE_TIMEOUT_SECONDS=str(PARTITION_TIMEOUT),
+        ),
+    )
+    before = os.urandom(100_000)
+    queue(app, plivo, "hole-before", before)
+    wait_for(lambda: rows.status("hole-before") == Status.ARCHIVED, 30, "archived before")
+
+    proxy.black_hole()
+    began = time.monotonic()
+    during = os.urandom(100_000)
+    queue(app, plivo, "hole-during", during)
+    wait_for(lambda: "database unavailable" in worker.output(), 20, "the partition noticed")
+    noticed = time.monotonic() - began
+    assert noticed < PROMPT_503 + 2, noticed  # the worker polls once a second
+    assert worker.running
+    assert rows.status("hole-during") == Status.PENDING
+
+    proxy.restore()
+    wait_for(
+        lambda: rows.status("hole-during") in (Status.ARCHIVED, Status.FAILED),
+        45,
+        "archived once the network is back",
+    )
+    assert_archived_once(rows, s3, bucket, "hole-during", during)
+    assert worker.running
+    assert "Traceback" not in worker.output()
 
 
 @pytest.mark.e2e

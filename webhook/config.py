@@ -81,6 +81,9 @@ class Settings:
     media_deadline_seconds: int
     media_read_timeout_seconds: int
     media_min_bytes_per_second: int
+    request_read_seconds: int
+    response_write_seconds: int
+    database_timeout_seconds: int
     auto_record: tuple[str, ...] = ()
     auto_record_interval_seconds: int = 30
     recording_notice_text: str | None = None
@@ -130,6 +133,10 @@ class Settings:
             media_deadline_seconds=_int(env, "MEDIA_DEADLINE_SECONDS", 3600, minimum=1) or 0,
             media_read_timeout_seconds=_int(env, "MEDIA_READ_TIMEOUT_SECONDS", 60, minimum=1) or 0,
             media_min_bytes_per_second=_int(env, "MEDIA_MIN_BYTES_PER_SECOND", 32768) or 0,
+            request_read_seconds=_int(env, "REQUEST_READ_SECONDS", 10, minimum=1) or 10,
+            response_write_seconds=_int(env, "RESPONSE_WRITE_SECONDS", 30, minimum=1) or 30,
+            # libpq counts a connect timeout below 2 s as 2 s.
+            database_timeout_seconds=_int(env, "DATABASE_TIMEOUT_SECONDS", 5, minimum=2) or 5,
             **_policy(env, public_url),
             transcription=_transcription(env),
         )

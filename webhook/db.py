@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -15,9 +16,14 @@ from sqlalchemy.orm import Session, sessionmaker
 if TYPE_CHECKING:
     from alembic.config import Config as AlembicConfig
 
+# How long any wait for PostgreSQL may last (DATABASE_TIMEOUT_SECONDS): connecting, a statement,
+# a free connection of the pool; an answer gets a second more before the network is given up on.
+DATABASE_TIMEOUT_SECONDS = 5
 
-def make_engine(url: str, **kwargs: Any) -> Engine:
-    """An engine that survives a database restart and lets two processes share SQLite."""
+
+def make_engine(url: str, timeout: float = DATABASE_TIMEOUT_SECONDS, **kwargs: Any) -> Engine:
+    """An engine that survives a database restart and lets two processes share SQLite; on
+    PostgreSQL no wait for the database lasts much longer than `timeout` seconds."""
     # Statement parameters hold callback bodies and signature headers: never in an error's text.
     kwargs.setdefault("hide_parameters", True)
     if url.startswith("sqlite"):
@@ -37,8 +43,65 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     kwargs.setdefault("pool_pre_ping", True)
     kwargs.setdefault("pool_size", 5)
     kwargs.setdefault("max_overflow", 5)
-    kwargs.setdefault("connect_args", {"connect_timeout": 5})
-    return create_engine(url, **kwargs)
+    kwargs.setdefault("pool_timeout", timeout)  # waiting for a free connection of the pool
+    kwargs.setdefault(
+        "connect_args",
+        {
+            # The whole connection setup, authentication included.
+            "connect_timeout": max(2, round(timeout)),
+            # A partition drops packets without a reset: the kernel gives up on data the server
+            # does not acknowledge after tcp_user_timeout, and probes idle connections.
+            "tcp_user_timeout": round((timeout + 1) * 1000),
+            "keepalives": 1,
+            "keepalives_idle": 10,
+            "keepalives_interval": 2,
+            "keepalives_count": 3,
+        },
+    )
+    engine = create_engine(url, **kwargs)
+    connection_class = _bounded_connection_class()
+
+    @event.listens_for(engine, "do_connect")
+    def _connect(_dialect: Any, _record: Any, cargs: Any, cparams: dict[str, Any]) -> Any:
+        connection = connection_class.connect(*cargs, **cparams)
+        # The server cancels a statement after `timeout`; with no answer a second after that,
+        # the network is gone (or the server hangs), whatever the kernel still acknowledges.
+        connection.answer_within = timeout + 1
+        return connection
+
+    @event.listens_for(engine, "connect")
+    def _statement_timeout(dbapi_connection: Any, _record: Any) -> None:
+        # A SET rather than the `options` startup parameter, which PgBouncer refuses.
+        dbapi_connection.execute(f"SET statement_timeout = {round(timeout * 1000)}")
+        dbapi_connection.commit()
+
+    return engine
+
+
+@cache
+def _bounded_connection_class() -> Any:
+    """psycopg's connection, closed and failing when the server does not answer in time."""
+    # Imported here: SQLite deployments need no psycopg, and gevent must patch before it loads.
+    import psycopg
+    from psycopg.errors import _WaitTimeout
+
+    class BoundedConnection(psycopg.Connection[Any]):
+        answer_within: float | None = None
+
+        def wait(self, gen: Any, interval: float = 0.1, timeout: float | None = None) -> Any:
+            if timeout is None:
+                timeout = self.answer_within
+            try:
+                return super().wait(gen, interval, timeout)
+            except _WaitTimeout:
+                # Mid-protocol: the connection cannot be used again. Closed, SQLAlchemy sees a
+                # disconnect and drops it (and the rest of its pool) instead of reusing it.
+                self.close()
+                raise psycopg.OperationalError(
+                    f"the database did not answer within {timeout:g} seconds"
+                ) from None
+
+    return BoundedConnection
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
