@@ -915,13 +915,13 @@ def test_worker_notices_a_silent_database_partition_and_archives_once_it_is_back
             DATABASE_TIMEOUT_SECONDS=str(PARTITION_TIMEOUT),
         ),
     )
-    before = os.urandom(100_000)
+    before = mp3_bytes(100_000)
     queue(app, plivo, "hole-before", before)
     wait_for(lambda: rows.status("hole-before") == Status.ARCHIVED, 30, "archived before")
 
     proxy.black_hole()
     began = time.monotonic()
-    during = os.urandom(100_000)
+    during = mp3_bytes(100_000)
     queue(app, plivo, "hole-during", during)
     wait_for(lambda: "database unavailable" in worker.output(), 20, "the partition noticed")
     noticed = time.monotonic() - began
