@@ -261,9 +261,7 @@ def wait_for_rows(url: str, tag: str, expected: int, timeout: float = 60.0) -> d
             if row[2] >= expected or time.monotonic() > deadline:
                 break
             time.sleep(0.1)
-    return dict(
-        zip(("bench", "warm", "recordings", "callback_log", "nonces"), row, strict=True)
-    )
+    return dict(zip(("bench", "warm", "recordings", "callback_log", "nonces"), row, strict=True))
 
 
 def main() -> None:

@@ -78,6 +78,8 @@ def start_recording(name: str) -> tuple[Response, int]:
         members=list(conference.get("members") or []),
         started_by=g.staff_name,
         key_prefix=archive_prefix(svc.settings.archive_url),
+        # Not among Retrieve Conference's documented fields: taken if Plivo ever sends it.
+        conference_uuid=conference.get("conference_uuid") or None,
     )
     session.commit()
     note_recordings(recording.recording_id)
