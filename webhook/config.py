@@ -73,6 +73,7 @@ class Settings:
     reconcile_interval_seconds: int
     max_callback_bytes: int
     presign_seconds: int
+    member_poll_seconds: int = 60
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], instance_path: str) -> Settings:
@@ -108,6 +109,7 @@ class Settings:
             reconcile_interval_seconds=_int(env, "RECONCILE_INTERVAL_SECONDS", 3600) or 0,
             max_callback_bytes=_int(env, "MAX_CALLBACK_BYTES", 64 * 1024, minimum=1024) or 65536,
             presign_seconds=min(_int(env, "PRESIGN_SECONDS", 60, minimum=1) or 60, 300),
+            member_poll_seconds=_int(env, "MEMBER_POLL_SECONDS", 60) or 0,
         )
 
     def replace(self, **changes: Any) -> Settings:

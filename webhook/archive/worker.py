@@ -20,6 +20,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import DBAPIError
 
 from webhook.archive.media import MediaError, RefusedURL, open_media
+from webhook.archive.members import DETAILS_INTERVAL_SECONDS, fill_member_details, poll_members
 from webhook.archive.reconcile import reconcile
 from webhook.archive.storage import HashingReader, Interrupted, StorageError, StoredObject
 from webhook.db import rowcount, transaction
@@ -359,6 +360,11 @@ class Worker:
         plivo_configured = self.settings.plivo_auth_id and self.settings.plivo_auth_token
         if every and plivo_configured and self._turn_is_ours("reconcile", every):
             self.reconcile_recent()
+        poll = self.settings.member_poll_seconds
+        if poll and plivo_configured and self._turn_is_ours("member_poll", poll):
+            poll_members(self.services)
+        if plivo_configured and self._turn_is_ours("member_details", DETAILS_INTERVAL_SECONDS):
+            fill_member_details(self.services)
 
     def run(self, once: bool = False, poll_seconds: float = 1.0) -> int:
         """Archive until stopped (with `once`: until nothing is due); answer how many jobs ran.
