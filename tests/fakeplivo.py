@@ -245,7 +245,8 @@ class FakePlivo:
             conference = self.conferences.setdefault(
                 name, {"members": [], "started_at": time.time()}
             )
-            self._member_counters[name] = self._member_counters.get(name, 0) + 1
+            present = [int(m["member_id"]) for m in conference["members"]]
+            self._member_counters[name] = max([self._member_counters.get(name, 0), *present]) + 1
             member_id = str(self._member_counters[name])
             conference["members"].append(
                 {
