@@ -20,7 +20,9 @@ from webhook.archive.members import (
 )
 from webhook.archive.worker import Worker
 from webhook.db import transaction
+from webhook.members import MemberEventReport, record_member_event, refresh_recording
 from webhook.models import ConferenceMember, Recording, Role, Status, utcnow
+from webhook.recordings import RecordingReport, record_report
 
 ROOM = "Desk 4"
 DANA, EVE = "+14155550123", "+442071838750"
@@ -220,3 +222,39 @@ def test_the_worker_re_reads_members_every_member_poll_seconds_and_not_at_zero(
 
 def _operator(app: Flask) -> str:
     return token_for(app, Role.OPERATOR)
+
+
+def test_an_end_learnt_from_the_recording_api_recomputes_the_participants(app, plivo):
+    """A Conference XML callback without end or duration: its arrival bounds the end until the
+    worker learns the true end, which drops a member who entered after it."""
+    svc = services(app)
+    start = utcnow() - dt.timedelta(minutes=10)
+    true_end, entered, arrived = (start + dt.timedelta(minutes=m) for m in (2, 5, 9))
+    plivo.finish_recording("late-end", b"audio", conference_name=ROOM)
+    plivo.recordings["late-end"].update(
+        recording_duration_ms="120000.00000",
+        recording_end_ms=f"{true_end.timestamp() * 1000:.5f}",
+    )
+    with transaction(svc.sessions) as session:
+        record_report(
+            session,
+            RecordingReport(
+                recording_id="late-end",
+                record_url=plivo.media_url("late-end"),
+                conference_name=ROOM,
+                start_ms=int(start.timestamp() * 1000),
+            ),
+            "",
+            now=arrived,
+        )
+        record_member_event(
+            session,
+            MemberEventReport("enter", ROOM, "1", None, "call-late", DANA, None),
+            now=entered,
+        )
+        refresh_recording(session, "late-end")
+    assert [p["from"] for p in api_body(app, "/api/recordings/late-end")["participants"]] == [DANA]
+    assert Worker(svc).run(once=True) == 1
+    body = api_body(app, "/api/recordings/late-end")
+    assert body["end_ms"] == int(true_end.timestamp() * 1000)
+    assert body["participants"] == []

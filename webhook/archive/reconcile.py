@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from webhook.config import archive_prefix
 from webhook.db import transaction
 from webhook.errors import BadParameter
+from webhook.members import refresh_recording
 from webhook.recordings import parse_report, record_report
 
 if TYPE_CHECKING:
@@ -79,4 +80,5 @@ def reconcile(
             continue
         with transaction(svc.sessions) as session:
             result.queued += record_report(session, report, prefix)
+            refresh_recording(session, report.recording_id)
     return result

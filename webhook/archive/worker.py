@@ -25,6 +25,7 @@ from webhook.archive.reconcile import reconcile
 from webhook.archive.storage import HashingReader, Interrupted, StorageError, StoredObject
 from webhook.db import rowcount, transaction
 from webhook.errors import PlivoError
+from webhook.members import refresh_recording
 from webhook.models import Recording, Schedule, Status, utcnow
 from webhook.recordings import insert_ignoring_conflict
 
@@ -326,6 +327,8 @@ class Worker:
             values["duration_s"] = values["duration_ms"] // 1000
         with transaction(self.services.sessions) as session:
             session.execute(update(Recording).where(Recording.id == job.id).values(**values))
+            # Its end now known, the members present while it ran are known better too.
+            refresh_recording(session, job.recording_id)
         return Job(**{**job.__dict__, **{k: v for k, v in values.items() if k != "duration_s"}})
 
     # --- the loop ---------------------------------------------------------------------------
