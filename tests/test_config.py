@@ -81,3 +81,12 @@ def test_a_dyno_with_database_and_archive_starts() -> None:
 def test_presigned_links_never_outlive_five_minutes() -> None:
     assert load(INSTANCE, {"PRESIGN_SECONDS": "3600"}).presign_seconds == 300
     assert load(INSTANCE, {"PRESIGN_SECONDS": "60"}).presign_seconds == 60
+
+
+def test_member_poll_seconds_defaults_to_a_minute_and_zero_turns_it_off() -> None:
+    assert load(INSTANCE, {}).member_poll_seconds == 60
+    assert load(INSTANCE, {"MEMBER_POLL_SECONDS": "5"}).member_poll_seconds == 5
+    assert load(INSTANCE, {"MEMBER_POLL_SECONDS": "0"}).member_poll_seconds == 0
+    for bad in ("soon", "-1"):
+        with pytest.raises(ConfigError, match="MEMBER_POLL_SECONDS"):
+            load(INSTANCE, {"MEMBER_POLL_SECONDS": bad})

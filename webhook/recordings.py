@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 from sqlalchemy import ColumnElement, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.orm import Session, object_session, selectinload
+from sqlalchemy.orm import Session, object_session
 
 from webhook.db import rowcount
 from webhook.errors import BadParameter
@@ -292,11 +292,9 @@ def participant_key(value: str | None) -> str | None:
 
 
 def find(session: Session, recording_id: str) -> Recording | None:
-    """A recording with its participants, by Plivo's recording id."""
+    """A recording by Plivo's recording id (`to_json` loads its participants)."""
     return session.scalars(
-        select(Recording)
-        .where(Recording.recording_id == recording_id)
-        .options(selectinload(Recording.participants))
+        select(Recording).where(Recording.recording_id == recording_id)
     ).one_or_none()
 
 
