@@ -206,6 +206,21 @@ def test_an_exit_arriving_before_its_enter_keeps_a_sane_presence(app):
     assert (shown["1"]["joined_at"], shown["1"]["left_at"]) == (iso(at(6)), iso(at(6)))
 
 
+def test_a_call_that_comes_back_is_present_again(app):
+    deliver(app, event("enter", "1", call_uuid="call-x"), at(0))
+    deliver(app, event("exit", "1", call_uuid="call-x"), at(1))
+    deliver(app, event("enter", "5", call_uuid="call-x"), at(4))  # back, a new member id
+    finish(app, "rec-1", start=at(2), end=at(10))
+    shown = participants(app, "rec-1")
+    assert list(shown) == ["5"]
+    assert (shown["5"]["joined_at"], shown["5"]["left_at"]) == (iso(at(0)), None)
+    # Its second exit, and an exit and enter of a third stint arriving in reverse order.
+    deliver(app, event("exit", "5", call_uuid="call-x"), at(12))
+    deliver(app, event("exit", "7", call_uuid="call-x"), at(14))
+    deliver(app, event("enter", "7", call_uuid="call-x"), at(15))
+    assert participants(app, "rec-1")["7"]["left_at"] == iso(at(14))
+
+
 def test_the_same_conference_name_the_next_day_does_not_mix_participants(app):
     deliver(app, event("enter", "1", from_number=ALICE), at(0))  # its exit never arrives
     deliver(app, event("enter", "2", from_number=BOB), at(2))

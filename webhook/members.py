@@ -149,12 +149,18 @@ def record_member_event(
         _identity(event.call_uuid, event.conference_uuid or "", event.member_id),
         {"last_seen_at": now, "source": "event", "details_next_at": now},
     )
-    member.member_id = member.member_id or event.member_id
+    previous_id = member.member_id
+    member.member_id = previous_id or event.member_id
     member.call_uuid = member.call_uuid or event.call_uuid
     member.conference_uuid = member.conference_uuid or event.conference_uuid
     member.from_number = member.from_number or event.from_number
     member.to_number = member.to_number or event.to_number
     if event.action == "enter":
+        rejoined = previous_id not in (None, event.member_id)
+        if rejoined and member.left_at is not None and now > member.left_at:
+            # The same call back in the conference under a new member id: present again.
+            member.left_at = None
+            member.member_id = event.member_id
         joined = now if member.left_at is None else min(now, member.left_at)
         if member.joined_at is None or joined < member.joined_at:
             member.joined_at = joined
@@ -162,6 +168,8 @@ def record_member_event(
     else:
         if member.left_at is None or now > member.left_at:
             member.left_at = now
+            # The latest stint's id: its enter, arriving after it, must not reopen the member.
+            member.member_id = event.member_id
         if member.joined_at is not None and member.joined_at > member.left_at:
             member.joined_at = member.left_at
     member.last_seen_at = max(member.last_seen_at, now)
