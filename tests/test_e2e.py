@@ -63,6 +63,8 @@ def env(
             "PUBLIC_URL": PUBLIC_URL,
             "RECORDING_HOSTS": "127.0.0.1",
             "ARCHIVE_RETRY_BASE_SECONDS": "1",
+            # Re-read the members of conferences being recorded every second.
+            "MEMBER_POLL_SECONDS": "1",
             "PORT": str(free_port()),
             "WEB_CONCURRENCY": "2",
         },
@@ -417,3 +419,52 @@ def test_procfile_processes_know_who_was_on_a_conference_xml_recording(
         assert [p["from"] for p in second_shown] == [CALLERS["cleo"]]
         for process in deployment.processes:
             assert "Traceback" not in process.output(), f"{process.name} logged a traceback"
+
+
+def test_procfile_worker_finds_who_joins_an_api_started_recording_late(
+    service: Service, plivo: FakePlivo
+) -> None:
+    deployment = service.deployment
+    base = deployment.base_url
+    with deployment.logs_on_failure():
+        plivo.add_conference("Late Desk", members=[{"from": CALLERS["ana"], "to": DESK}])
+        started = requests.post(
+            f"{base}/api/conferences/Late%20Desk/recording",
+            headers=service.operator,
+            json={},
+            timeout=HTTP_TIMEOUT,
+        )
+        assert started.status_code == 201, started.text
+        recording_id = started.json()["recording_id"]
+        assert [p["from"] for p in started.json()["participants"]] == [CALLERS["ana"]]
+        time.sleep(STEP)
+        # Ben joins while it records: no event tells the service, the worker's re-read does.
+        plivo.conferences["Late Desk"]["members"].append(
+            {"member_id": "2", "from": CALLERS["ben"], "to": DESK, "call_uuid": "call-ben"}
+        )
+        deadline = time.monotonic() + ARCHIVE_TIMEOUT
+        shown: list[dict[str, Any]] = []
+        while time.monotonic() < deadline and len(shown) < 2:
+            shown = requests.get(
+                f"{base}/api/recordings/{recording_id}",
+                headers=service.compliance,
+                timeout=HTTP_TIMEOUT,
+            ).json()["participants"]
+            time.sleep(0.2)
+        ben = {p["from"]: p for p in shown}[CALLERS["ben"]]
+        assert ben["source"] == "poll"
+        assert parse_iso(ben["joined_at"]) >= started.json()["start_ms"] / 1000 - 1
+
+        params = plivo.finish_recording(recording_id, os.urandom(4096), duration_ms=3000)
+        params["recording_start_ms"] = str(started.json()["start_ms"])
+        params["recording_end_ms"] = str(int(time.time() * 1000))
+        answer = plivo.send_callback(f"{base}/plivo/recording", params, sign_url=CALLBACK_URL)
+        assert answer.status_code == 200, answer.text
+        wait_for_archive(base, recording_id, service.compliance)
+        found = requests.get(
+            f"{base}/api/recordings",
+            params={"participant": TYPED["ben"]},
+            headers=service.compliance,
+            timeout=HTTP_TIMEOUT,
+        ).json()["recordings"]
+        assert [r["recording_id"] for r in found] == [recording_id]
