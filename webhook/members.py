@@ -416,22 +416,19 @@ def refresh_recording(session: Session, recording_id: str) -> None:
 
 def refresh_recordings_of(session: Session, member: ConferenceMember) -> None:
     """Recompute the participants of every recording this member's presence may touch: of its
-    conference, started no later than it left and no earlier than a recording's longest run
-    before it joined."""
-    now_ms = _ms(utcnow())
-    latest = _ms(member.left_at) if member.left_at is not None else now_ms
-    earliest_join = member.joined_at or member.left_at or member.last_seen_at
-    recordings = session.scalars(
-        select(Recording)
-        .where(
-            Recording.conference_name == member.conference_name,
-            Recording.start_ms <= latest,
-            Recording.start_ms >= _ms(earliest_join) - MAX_DURATION_MS,
-        )
-        .order_by(Recording.id)
-        .with_for_update()
-    ).all()
-    for recording in recordings:
+    conference, started before it left, and not ended before it joined. A member's presence only
+    grows (joins move earlier, exits later), so no recording outside that can have held it."""
+    latest = _ms(member.left_at) if member.left_at is not None else _ms(utcnow())
+    earliest = member.joined_at or member.left_at or member.last_seen_at
+    query = select(Recording).where(
+        Recording.conference_name == member.conference_name,
+        Recording.start_ms <= latest,
+        Recording.start_ms >= _ms(earliest) - MAX_DURATION_MS,
+    )
+    if member.joined_at is not None:
+        joined = _ms(member.joined_at)
+        query = query.where(or_(Recording.end_ms.is_(None), Recording.end_ms > joined))
+    for recording in session.scalars(query.order_by(Recording.id).with_for_update()).all():
         refresh_participants(session, recording)
 
 
