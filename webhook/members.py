@@ -5,7 +5,7 @@ A member is one call's presence in one conference (`ConferenceMember`), with the
 and left. Three sources feed it: Conference XML's member events (`enter`, `exit`), the snapshot
 taken when a recording starts through the API, and re-reads of Retrieve Conference while a
 recording runs. Who the member is (from, to, caller name, direction) comes with snapshots and
-re-reads; for events the worker asks the Call API (`webhook.archive.member_chores`).
+re-reads; for events the worker asks the Call API (`webhook.archive.members`).
 
 A recording's participants are materialised as rows of `participants`, recomputed whenever a
 member of its conference or the recording's own times change, so that `participant=` search
@@ -252,6 +252,7 @@ def observe_members(
             member.details_at = member.details_at or now
         if member.joined_at is None or joined < member.joined_at:
             member.joined_at = joined
+            member.source = source
         # Present now: an exit learnt earlier (a poll that missed it, a lost event) was wrong.
         if member.left_at is not None and member.left_at < now:
             member.left_at = None
