@@ -250,9 +250,10 @@ def observe_members(
         if member.from_number or member.to_number:
             # Retrieve Conference said who it is: no need to ask the Call API.
             member.details_at = member.details_at or now
+        # The source stays the first that knew the member: a re-read's join time, computed from
+        # whole seconds, can come out a moment earlier for the very same join.
         if member.joined_at is None or joined < member.joined_at:
             member.joined_at = joined
-            member.source = source
         # Present now: an exit learnt earlier (a poll that missed it, a lost event) was wrong.
         if member.left_at is not None and member.left_at < now:
             member.left_at = None
