@@ -108,38 +108,7 @@ def run_demo(port: int, serve: bool, instance_path: str | None = None) -> bool:
 
     audio = tone_wav()
     media = _media_server(audio)
-    callback_url = f"{base}/plivo/recording"
-    assert settings.plivo_auth_token is not None
-    token = settings.plivo_auth_token
-
-    def signed_post(fields: dict[str, str], signature: str | None = None) -> requests.Response:
-        nonce = secrets.token_hex(10)
-        if signature is None:
-            base_string = signature_base("POST", callback_url, {k: [v] for k, v in fields.items()})
-            signature = sign(token, base_string, nonce)
-        headers = {"X-Plivo-Signature-V3": signature, NONCE_HEADER: nonce}
-        return requests.post(callback_url, data=fields, headers=headers, timeout=10)
-
-    click.echo(f"service:   {base}")
-    click.echo(f"database:  {settings.database_url}")
-    click.echo(f"archive:   {settings.archive_url}")
-    # Two callers enter the conference: the member events a Conference XML callbackUrl receives.
-    conference_uuid = str(uuid.uuid4())
-    for member_id, caller in (("1", "+14155550101"), ("2", "+442071838750")):
-        entered = signed_post(
-            {
-                "ConferenceAction": "enter",
-                "ConferenceName": "Demo Conference",
-                "ConferenceUUID": conference_uuid,
-                "ConferenceMemberID": member_id,
-                "CallUUID": str(uuid.uuid4()),
-                "From": caller,
-                "To": "+14155550100",
-            }
-        )
-        click.echo(
-            f"member:    {caller} enters, signed -> {entered.status_code} {entered.text.strip()}"
-        )
+    entered = _callers_enter(f"{base}/plivo/recording", settings)
     recording_id = str(uuid.uuid4())
     now_ms = int(time.time() * 1000)
     params = {
@@ -152,9 +121,34 @@ def run_demo(port: int, serve: bool, instance_path: str | None = None) -> bool:
         "recording_start_ms": str(now_ms - 2000),
         "recording_end_ms": str(now_ms),
     }
-    answer = signed_post(params)
+    callback_url = f"{base}/plivo/recording"
+    nonce = secrets.token_hex(10)
+    assert settings.plivo_auth_token is not None
+    signature = sign(
+        settings.plivo_auth_token,
+        signature_base("POST", callback_url, {k: [v] for k, v in params.items()}),
+        nonce,
+    )
+    click.echo(f"service:   {base}")
+    click.echo(f"database:  {settings.database_url}")
+    click.echo(f"archive:   {settings.archive_url}")
+    for caller, answer in entered:
+        click.echo(
+            f"member:    {caller} enters, signed -> {answer.status_code} {answer.text.strip()}"
+        )
+    answer = requests.post(
+        callback_url,
+        data=params,
+        headers={"X-Plivo-Signature-V3": signature, NONCE_HEADER: nonce},
+        timeout=10,
+    )
     click.echo(f"callback:  signed as Plivo signs -> {answer.status_code} {answer.text.strip()}")
-    forged = signed_post(params, signature="forged")
+    forged = requests.post(
+        callback_url,
+        data=params,
+        headers={"X-Plivo-Signature-V3": "forged", NONCE_HEADER: "1"},
+        timeout=10,
+    )
     click.echo(f"forged:    the same callback with a bad signature -> {forged.status_code}")
 
     jobs = Worker(svc).run(once=True)
@@ -162,8 +156,8 @@ def run_demo(port: int, serve: bool, instance_path: str | None = None) -> bool:
 
     staff_name = f"demo-{secrets.token_hex(3)}"
     with transaction(svc.sessions) as session:
-        staff_token = add_staff(session, staff_name, Role.ADMIN)
-    headers = {"Authorization": f"Bearer {staff_token}"}
+        token = add_staff(session, staff_name, Role.ADMIN)
+    headers = {"Authorization": f"Bearer {token}"}
     shown = requests.get(f"{base}/api/recordings/{recording_id}", headers=headers, timeout=10)
     click.echo(f"api:       GET /api/recordings/{recording_id} ->")
     click.echo(json.dumps(shown.json(), indent=2))
@@ -183,7 +177,7 @@ def run_demo(port: int, serve: bool, instance_path: str | None = None) -> bool:
     click.echo(
         f"\nThe service keeps running at {base} with its worker. An admin token for you"
         " (revoked when the demo stops):\n"
-        f"  curl -H 'Authorization: Bearer {staff_token}' {base}/api/recordings\n"
+        f"  curl -H 'Authorization: Bearer {token}' {base}/api/recordings\n"
         "Press Ctrl-C to stop."
     )
     stop = threading.Event()
@@ -194,6 +188,34 @@ def run_demo(port: int, serve: bool, instance_path: str | None = None) -> bool:
     finally:
         _close(svc, server, staff_name)
     return exact
+
+
+def _callers_enter(callback_url: str, settings: Settings) -> list[tuple[str, requests.Response]]:
+    """Two callers enter the demo conference: the member events, signed as Plivo signs them,
+    that a Conference XML callbackUrl receives."""
+    assert settings.plivo_auth_token is not None
+    conference_uuid = str(uuid.uuid4())
+    answers = []
+    for member_id, caller in (("1", "+14155550101"), ("2", "+442071838750")):
+        fields = {
+            "ConferenceAction": "enter",
+            "ConferenceName": "Demo Conference",
+            "ConferenceUUID": conference_uuid,
+            "ConferenceMemberID": member_id,
+            "CallUUID": str(uuid.uuid4()),
+            "From": caller,
+            "To": "+14155550100",
+        }
+        nonce = secrets.token_hex(10)
+        signed = signature_base("POST", callback_url, {k: [v] for k, v in fields.items()})
+        headers = {
+            "X-Plivo-Signature-V3": sign(settings.plivo_auth_token, signed, nonce),
+            NONCE_HEADER: nonce,
+        }
+        answers.append(
+            (caller, requests.post(callback_url, data=fields, headers=headers, timeout=10))
+        )
+    return answers
 
 
 def _close(svc: Services, server: BaseWSGIServer, staff_name: str) -> None:
