@@ -172,6 +172,23 @@ def test_member_events_are_append_only_in_the_database(app, client, plivo):
             conn.execute(statement)
 
 
+def test_member_events_cannot_be_truncated_or_replaced(app, client, plivo):
+    post_callback(client, plivo, member_params("enter"))
+    engine = services(app).engine
+    with engine.connect() as conn:
+        row = dict(conn.execute(select(MemberEvent.__table__)).mappings().one())
+    if engine.dialect.name == "postgresql":
+        sneaky = sa.text("TRUNCATE member_events CASCADE")
+    else:
+        columns = ", ".join(f'"{name}"' for name in row)
+        values = ", ".join(f":{name}" for name in row)
+        replace = f"INSERT OR REPLACE INTO member_events ({columns}) VALUES ({values})"  # noqa: S608 - the table's own column names
+        sneaky = sa.text(replace)
+    with pytest.raises(sa.exc.DatabaseError, match="append-only"), engine.begin() as conn:
+        conn.execute(sneaky, {**row, "action": "exit"})
+    assert count(app, MemberEvent) == 1
+
+
 def test_an_event_carrying_from_and_to_keeps_them(app, client, plivo):
     post_callback(client, plivo, member_params("enter", From=ALICE, To="+14155550100"))
     with services(app).sessions() as session:

@@ -26,13 +26,20 @@ BIG_ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
 
 def _append_only(table: str, create: bool) -> None:
+    """UPDATE and DELETE refused, and what gets round them: TRUNCATE on PostgreSQL (row triggers
+    do not fire for it), INSERT OR REPLACE on SQLite (its implicit delete fires no trigger)."""
     if op.get_bind().dialect.name == "postgresql":
-        # refuse_change() was created by 0001.
+        # refuse_change() was created by 0001; it works for statement triggers too.
         op.execute(f"DROP TRIGGER IF EXISTS {table}_append_only ON {table}")
+        op.execute(f"DROP TRIGGER IF EXISTS {table}_no_truncate ON {table}")
         if create:
             op.execute(
                 f"CREATE TRIGGER {table}_append_only BEFORE UPDATE OR DELETE ON {table} "
                 "FOR EACH ROW EXECUTE FUNCTION refuse_change()"
+            )
+            op.execute(
+                f"CREATE TRIGGER {table}_no_truncate BEFORE TRUNCATE ON {table} "
+                "FOR EACH STATEMENT EXECUTE FUNCTION refuse_change()"
             )
         return
     for action in ("update", "delete"):
@@ -42,6 +49,14 @@ def _append_only(table: str, create: bool) -> None:
                 f"CREATE TRIGGER {table}_no_{action} BEFORE {action.upper()} ON {table} "
                 f"BEGIN SELECT RAISE(ABORT, '{table} is append-only'); END"
             )
+    op.execute(f"DROP TRIGGER IF EXISTS {table}_no_replace")
+    if create:
+        # An insert without an explicit id sees NEW.id = -1 here, which matches no row.
+        op.execute(
+            f"CREATE TRIGGER {table}_no_replace BEFORE INSERT ON {table} "  # noqa: S608 - constants
+            f"WHEN EXISTS (SELECT 1 FROM {table} WHERE id = NEW.id) "
+            f"BEGIN SELECT RAISE(ABORT, '{table} is append-only'); END"
+        )
 
 
 def upgrade() -> None:
