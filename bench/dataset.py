@@ -27,7 +27,9 @@ def load_dataset(url: str, recordings: int, participants_per: int, seed: float =
     span three years ending 2026-01-01, increasing with the id as an append-only table does;
     durations 30 s to 2 h, most short; 97% archived, 1.5% failed, 1% pending, 0.5% recording;
     0.1% under legal hold. Participants: customers from a skewed pool of 50 000 numbers (5% SIP
-    addresses) calling one of 20 bridge numbers (80% inbound, 20% outbound).
+    addresses) calling one of 20 bridge numbers (80% inbound, 20% outbound), each a copy of a
+    conference member (one member per participant, as a recording's members are), joined up to
+    a minute before the recording started (from a member event) and left after it ended.
     """
     import psycopg
 
@@ -39,7 +41,7 @@ def load_dataset(url: str, recordings: int, participants_per: int, seed: float =
         indexes = conn.execute(
             """
             SELECT i.indexname, i.indexdef FROM pg_indexes i
-            WHERE i.tablename IN ('recordings', 'participants')
+            WHERE i.tablename IN ('recordings', 'participants', 'conference_members')
               AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conname = i.indexname)
             """
         ).fetchall()
@@ -57,7 +59,7 @@ def load_dataset(url: str, recordings: int, participants_per: int, seed: float =
                     duration_ms, start_ms, end_ms, status, attempts, next_attempt_at, lease_token,
                     last_error, archive_key, archive_size, archive_sha256, archive_version_id,
                     archived_at, retain_until, legal_hold, legal_hold_reason, started_by,
-                    created_at, updated_at)
+                    created_at, updated_at, conference_uuid)
                 SELECT
                     rid, conf, md5(rid || 'api'),
                     'https://media.plivo.com/v1/Account/MABENCH/Recording/' || rid || '.' || fmt,
@@ -75,7 +77,8 @@ def load_dataset(url: str, recordings: int, participants_per: int, seed: float =
                     END,
                     NULL, hold, CASE WHEN hold THEN 'litigation 2025-17' END,
                     CASE WHEN r_started < 0.3 THEN 'operator-' || mod(i, 7) END,
-                    to_timestamp((st + dur) / 1000.0), to_timestamp((st + dur + 60000) / 1000.0)
+                    to_timestamp((st + dur) / 1000.0), to_timestamp((st + dur + 60000) / 1000.0),
+                    md5(rid || 'conference')
                 FROM (
                     SELECT i,
                         'bench-' || lpad(i::text, 9, '0') AS rid,
@@ -107,7 +110,7 @@ def load_dataset(url: str, recordings: int, participants_per: int, seed: float =
                 f"""
                 INSERT INTO participants (
                     recording_pk, member_id, "from", "to", from_key, to_key, caller_name,
-                    direction, call_uuid, join_time)
+                    direction, call_uuid, join_time, member_pk, joined_at, left_at, source)
                 SELECT
                     id, m::text,
                     CASE WHEN inbound THEN customer ELSE bridge END,
@@ -115,9 +118,12 @@ def load_dataset(url: str, recordings: int, participants_per: int, seed: float =
                     CASE WHEN inbound THEN customer_key ELSE bridge_key END,
                     CASE WHEN inbound THEN bridge_key ELSE customer_key END,
                     'Caller ' || c, CASE WHEN inbound THEN 'inbound' ELSE 'outbound' END,
-                    md5(id::text || '-' || m), (m * 10)::text
+                    md5(id::text || '-' || m), (m * 10)::text,
+                    (id - 1) * %(per)s + m,
+                    to_timestamp((start_ms - m * 10000) / 1000.0),
+                    to_timestamp((end_ms + m * 1000) / 1000.0), 'event'
                 FROM (
-                    SELECT r.id, m, c, random() < 0.8 AS inbound,
+                    SELECT r.id, r.start_ms, r.end_ms, m, c, random() < 0.8 AS inbound,
                         CASE WHEN sip THEN 'sip:user' || c || '@example.com'
                              ELSE '+1' || (4155550000 + c)::text END AS customer,
                         CASE WHEN sip THEN 'user' || c || '@example.com'
@@ -136,6 +142,28 @@ def load_dataset(url: str, recordings: int, participants_per: int, seed: float =
                 {"per": participants_per},
             )
             timings["participants_s"] = time.perf_counter() - started - timings["recordings_s"]
+            # The members the participants were copied from, under the same ids.
+            conn.execute(
+                """
+                INSERT INTO conference_members (
+                    id, conference_name, conference_uuid, identity, member_id, call_uuid, "from",
+                    "to", caller_name, direction, join_time, joined_at, left_at, last_seen_at,
+                    source, details_at, details_attempts, created_at)
+                SELECT p.member_pk, r.conference_name, r.conference_uuid, p.call_uuid,
+                    p.member_id, p.call_uuid, p."from", p."to", p.caller_name, p.direction,
+                    p.join_time, p.joined_at, p.left_at, p.left_at, 'event', p.left_at, 1,
+                    p.joined_at
+                FROM participants p JOIN recordings r ON r.id = p.recording_pk
+                ORDER BY p.member_pk
+                """
+            )
+            conn.execute(
+                "SELECT setval(pg_get_serial_sequence('conference_members', 'id'), "
+                "(SELECT coalesce(max(id), 1) FROM conference_members))"
+            )
+            timings["members_s"] = (
+                time.perf_counter() - started - timings["recordings_s"] - timings["participants_s"]
+            )
         index_started = time.perf_counter()
         conn.execute("SET maintenance_work_mem = '256MB'")
         for _, definition in indexes:
@@ -144,6 +172,7 @@ def load_dataset(url: str, recordings: int, participants_per: int, seed: float =
         vacuum_started = time.perf_counter()
         conn.execute("VACUUM (ANALYZE) recordings")
         conn.execute("VACUUM (ANALYZE) participants")
+        conn.execute("VACUUM (ANALYZE) conference_members")
         timings["vacuum_analyze_s"] = time.perf_counter() - vacuum_started
         counts = conn.execute(
             "SELECT (SELECT count(*) FROM recordings), (SELECT count(*) FROM participants)"

@@ -97,6 +97,9 @@ class FakePlivo:
         self.transcriptions: dict[str, dict[str, Any]] = {}
         self.transcription_orders: list[tuple[str, dict[str, Any]]] = []
         self._conference_uuids: dict[str, str] = {}
+        # Calls by UUID, as the Call API shows them: live while up, a record once ended.
+        self.phone_calls: dict[str, dict[str, Any]] = {}
+        self._member_counters: dict[str, int] = {}
         self._lock = threading.RLock()
         self._stopping = threading.Event()
         self._server: BaseWSGIServer | None = None
@@ -199,6 +202,100 @@ class FakePlivo:
             for recording in self.recordings.values():
                 if recording["conference_name"] == name and recording["state"] == "recording":
                     recording["state"] = "stopped"
+
+    # --- Conference XML: callers enter and leave, the Call API knows them ------------------------
+
+    def new_conference_run(self, name: str) -> str:
+        """The conference's name used again (another day): a new run with a new ConferenceUUID."""
+        with self._lock:
+            self._conference_uuids[name] = str(uuid.uuid4())
+            self._member_counters.pop(name, None)
+            return self._conference_uuids[name]
+
+    def conference_uuid(self, name: str) -> str:
+        with self._lock:
+            return self._conference_uuids.setdefault(name, str(uuid.uuid4()))
+
+    def add_call(
+        self,
+        from_number: str,
+        to_number: str,
+        caller_name: str = "",
+        direction: str = "inbound",
+        call_uuid: str | None = None,
+    ) -> str:
+        """A call that is up now; the Call API shows it live until `end_call`."""
+        call_uuid = call_uuid or str(uuid.uuid4())
+        with self._lock:
+            self.phone_calls[call_uuid] = {
+                "call_uuid": call_uuid,
+                "from": from_number,
+                "to": to_number,
+                "caller_name": caller_name,
+                "direction": direction,
+                "live": True,
+                "initiation_time": _plivo_time(datetime.now(UTC)),
+            }
+        return call_uuid
+
+    def end_call(self, call_uuid: str) -> None:
+        with self._lock:
+            self.phone_calls[call_uuid]["live"] = False
+            self.phone_calls[call_uuid]["end_time"] = _plivo_time(datetime.now(UTC))
+
+    def join(
+        self,
+        name: str,
+        from_number: str,
+        to_number: str,
+        caller_name: str = "",
+        direction: str = "inbound",
+    ) -> dict[str, str]:
+        """A caller enters a conference made with Conference XML (started if it is not running):
+        it becomes a member, its call is live; returns the `enter` event Plivo sends."""
+        call_uuid = self.add_call(from_number, to_number, caller_name, direction)
+        with self._lock:
+            conference = self.conferences.setdefault(
+                name, {"members": [], "started_at": time.time()}
+            )
+            present = [int(m["member_id"]) for m in conference["members"]]
+            self._member_counters[name] = max([self._member_counters.get(name, 0), *present]) + 1
+            member_id = str(self._member_counters[name])
+            conference["members"].append(
+                {
+                    "member_id": member_id,
+                    "muted": False,
+                    "deaf": False,
+                    "from": from_number,
+                    "to": to_number,
+                    "caller_name": caller_name,
+                    "direction": direction,
+                    "call_uuid": call_uuid,
+                    "join_time": "0",
+                }
+            )
+        return self.member_event("enter", name, member_id, call_uuid)
+
+    def leave(self, name: str, member_id: str) -> dict[str, str]:
+        """A member hangs up: gone from the conference, its call ended; returns the `exit` event."""
+        with self._lock:
+            members = self.conferences[name]["members"]
+            [member] = [m for m in members if m["member_id"] == member_id]
+            members.remove(member)
+        self.end_call(member["call_uuid"])
+        return self.member_event("exit", name, member_id, member["call_uuid"])
+
+    def member_event(
+        self, action: str, name: str, member_id: str, call_uuid: str
+    ) -> dict[str, str]:
+        """A member event's params as a Conference XML callbackUrl receives them."""
+        return {
+            "ConferenceAction": action,
+            "ConferenceName": name,
+            "ConferenceUUID": self.conference_uuid(name),
+            "ConferenceMemberID": member_id,
+            "CallUUID": call_uuid,
+        }
 
     def media_url(self, recording_id: str, fmt: str = "mp3") -> str:
         """Where the fake serves a recording's audio (Plivo's `record_url`)."""
@@ -442,6 +539,8 @@ class FakePlivo:
                         return _error(404, "recording not found")
                     self.transcription_orders.append((recording_id, _request_payload(request)))
                 return _json(202, {"api_id": _api_id(), "message": "transcription in progress"})
+            case ["Call", call_uuid] if method == "GET":
+                return self._get_call(call_uuid, live=request.args.get("status") == "live")
             case ["Conference", *_] | ["Recording", *_] | ["Transcription", *_]:
                 return _error(405, f"method {method} not allowed here")
         return _error(404, "not found")
@@ -471,6 +570,34 @@ class FakePlivo:
                 "members": members,
             },
         )
+
+    def _get_call(self, call_uuid: str, live: bool) -> Response:
+        with self._lock:
+            call = self.phone_calls.get(call_uuid)
+            if call is None or call["live"] != live:
+                return _error(404, "call not found")
+            if live:
+                return _json(
+                    200,
+                    {
+                        "api_id": _api_id(),
+                        "call_uuid": call_uuid,
+                        "call_status": "in-progress",
+                        **{k: call[k] for k in ("from", "to", "caller_name", "direction")},
+                    },
+                )
+            return _json(
+                200,
+                {
+                    "api_id": _api_id(),
+                    "call_uuid": call_uuid,
+                    "from_number": call["from"],
+                    "to_number": call["to"],
+                    "call_direction": call["direction"],
+                    "initiation_time": call["initiation_time"],
+                    "end_time": call["end_time"],
+                },
+            )
 
     def _start_recording(self, request: Request, name: str) -> Response:
         body = _request_payload(request)

@@ -275,9 +275,11 @@ def test_start_recording_answers_201_with_recording_id_and_participants(
     assert body["file_format"] == "mp3"
     assert body["started_by"] == "olivia"
     assert body["archive"] is None
-    assert body["participants"] == [
-        {**{name: m[name] for name in (*PARTICIPANT_FIELDS, "join_time")}, "notified_at": None}
-        for m in members
+    shown = [
+        {name: p[name] for name in (*PARTICIPANT_FIELDS, "join_time")} for p in body["participants"]
+    ]
+    assert shown == [
+        {name: m[name] for name in (*PARTICIPANT_FIELDS, "join_time")} for m in members
     ]
     assert body["participants"][0] == {
         "member_id": "17",
@@ -287,8 +289,16 @@ def test_start_recording_answers_201_with_recording_id_and_participants(
         "direction": "inbound",
         "call_uuid": "acfbf0b5-12a4-4a3c-8d5e-000000000017",
         "join_time": "590",
-        "notified_at": None,  # no recording notice is set
+        "joined_at": body["participants"][0]["joined_at"],
+        "left_at": None,
+        "source": "snapshot",
+        "notified_at": None,
     }
+    # Snapshotted at the start: joined join_time seconds before it.
+    for participant, member in zip(body["participants"], members, strict=True):
+        joined = dt.datetime.fromisoformat(participant["joined_at"]).timestamp() * 1000
+        expected = body["start_ms"] - int(member["join_time"]) * 1000
+        assert abs(joined - expected) < 1500, (participant, body["start_ms"])
     with services(app).sessions() as session:
         recording = session.scalars(select(Recording)).one()
         participants = session.scalar(select(func.count()).select_from(Participant))
@@ -653,10 +663,10 @@ def test_pending_recording_shows_participants_and_no_archive(app, client, compli
     assert body["last_error"] is None
     assert body["attempts"] == 0
     assert [p["from"] for p in body["participants"]] == ["14155550101", "sip:bob@example.com"]
-    assert body["participants"][1] == {
-        **{name: MEMBERS[1][name] for name in (*PARTICIPANT_FIELDS, "join_time")},
-        "notified_at": None,
+    assert {name: body["participants"][1][name] for name in (*PARTICIPANT_FIELDS, "join_time")} == {
+        name: MEMBERS[1][name] for name in (*PARTICIPANT_FIELDS, "join_time")
     }
+    assert body["participants"][1]["source"] == "snapshot"
 
 
 def test_recording_reported_by_callback_is_shown(app, client, plivo, compliance):

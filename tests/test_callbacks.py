@@ -727,11 +727,12 @@ def test_conference_member_events_on_an_xml_callback_url_are_logged_not_recordin
         "ConferenceAction": "enter",
         "ConferenceName": "Room 1",
         "ConferenceUUID": "c-1",
+        "ConferenceMemberID": "7",
         "CallUUID": "call-1",
     }
     response = post_callback(client, plivo, params)
     assert response.status_code == 200
-    assert response.json == {"status": "ignored", "conference_action": "enter"}
+    assert response.json == {"status": "accepted", "conference_action": "enter"}
     assert count(app, Recording) == 0
     [logged] = callback_logs(app)
     assert (logged.kind, logged.recording_id) == ("member", None)

@@ -98,3 +98,12 @@ def test_media_download_bounds_have_defaults_and_are_validated() -> None:
     ):
         with pytest.raises(ConfigError, match=name):
             load(INSTANCE, {name: bad})
+
+
+def test_member_poll_seconds_defaults_to_a_minute_and_zero_turns_it_off() -> None:
+    assert load(INSTANCE, {}).member_poll_seconds == 60
+    assert load(INSTANCE, {"MEMBER_POLL_SECONDS": "5"}).member_poll_seconds == 5
+    assert load(INSTANCE, {"MEMBER_POLL_SECONDS": "0"}).member_poll_seconds == 0
+    for bad in ("soon", "-1"):
+        with pytest.raises(ConfigError, match="MEMBER_POLL_SECONDS"):
+            load(INSTANCE, {"MEMBER_POLL_SECONDS": bad})

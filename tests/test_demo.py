@@ -29,6 +29,10 @@ def test_demo_archives_a_signed_recording_on_the_embedded_defaults(tmp_path: Pat
     assert "signed as Plivo signs -> 200" in done.stdout
     assert "bad signature -> 403" in done.stdout
     assert "archived 1 recording(s)" in done.stdout
+    assert done.stdout.count('signed -> 200 {"status":"accepted","conference_action":"enter"}') == 2
+    shown = done.stdout[done.stdout.index("api:") : done.stdout.index("audio:")]
+    assert '"from": "+14155550101"' in shown and '"from": "+442071838750"' in shown
+    assert '"source": "event"' in shown and '"joined_at": "20' in shown
     assert "byte-exact" in done.stdout
     assert "console:   http://127.0.0.1:" in done.stdout and "/console/\n" in done.stdout
     assert "transcription callback, signed -> 200" in done.stdout

@@ -7,6 +7,7 @@ socket is plain http, as behind a TLS-terminating router.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import os
 import sys
@@ -62,6 +63,8 @@ def env(
             "PUBLIC_URL": PUBLIC_URL,
             "RECORDING_HOSTS": "127.0.0.1",
             "ARCHIVE_RETRY_BASE_SECONDS": "1",
+            # Re-read the members of conferences being recorded every second.
+            "MEMBER_POLL_SECONDS": "1",
             "PORT": str(free_port()),
             "WEB_CONCURRENCY": "2",
         },
@@ -299,3 +302,169 @@ def test_procfile_processes_archive_a_conference_recording_end_to_end(
         # --- a platform restart (SIGTERM) stops both cleanly -------------------------------------
         exits = {process.name: process.stop() for process in deployment.processes}
         assert exits == {"web": 0, "worker": 0}
+
+
+# --- who was on the call: Conference XML member events -------------------------------------------
+
+XML_CONFERENCE = "Morning Call"
+CALLERS = {"ana": "+442071838750", "ben": "+14155550142", "cleo": "+14155550177"}
+# Each caller's number as compliance staff might type it.
+TYPED = {"ana": "44 20 7183 8750", "ben": "+1 (415) 555-0142", "cleo": "1-415-555-0177"}
+DESK = "+14155550100"
+STEP = 1.2  # seconds between moments, so that times a second apart in the API are in order
+
+
+def parse_iso(value: str) -> float:
+    return dt.datetime.fromisoformat(value).timestamp()
+
+
+def test_procfile_processes_know_who_was_on_a_conference_xml_recording(
+    service: Service, plivo: FakePlivo
+) -> None:
+    deployment = service.deployment
+    base = deployment.base_url
+    compliance = service.compliance
+
+    def deliver(params: dict[str, str]) -> str:
+        answer = plivo.send_callback(
+            f"{base}/plivo/recording", params, sign_url=CALLBACK_URL
+        )  # a fresh nonce each time, as Plivo's retries carry
+        assert answer.status_code == 200, answer.text
+        return str(answer.json()["status"])
+
+    def search(who: str) -> list[str]:
+        response = requests.get(
+            f"{base}/api/recordings",
+            params={"participant": TYPED[who]},
+            headers=compliance,
+            timeout=HTTP_TIMEOUT,
+        )
+        assert response.status_code == 200, response.text
+        return sorted(r["recording_id"] for r in response.json()["recordings"])
+
+    with deployment.logs_on_failure():
+        # --- day one: Ana is there from the start ------------------------------------------------
+        ana_enters = plivo.join(XML_CONFERENCE, CALLERS["ana"], DESK, caller_name="Ana")
+        assert [deliver(ana_enters), deliver(ana_enters)] == ["accepted", "duplicate"]
+        time.sleep(STEP)
+        first_start = time.time()
+        time.sleep(STEP)
+        ben_enters = plivo.join(XML_CONFERENCE, CALLERS["ben"], DESK)  # after the start
+        assert deliver(ben_enters) == "accepted"
+        time.sleep(STEP)
+        first_end = time.time()
+        first = plivo.finish_recording(
+            "xml-day-1",
+            os.urandom(4096),
+            duration_ms=int((first_end - first_start) * 1000),
+            scheme="camel",
+            conference_name=XML_CONFERENCE,
+        )
+        ben_exits = plivo.leave(XML_CONFERENCE, "2")
+        time.sleep(STEP)
+        cleo_enters = plivo.join(XML_CONFERENCE, CALLERS["cleo"], DESK)  # after the end
+        cleo_exits = plivo.leave(XML_CONFERENCE, "3")
+        # Out of order: the recording's callback first, then Cleo's exit before her enter,
+        # then Ben's exit, twice. Ana's exit never arrives.
+        assert deliver(first) == "accepted"
+        assert deliver(cleo_exits) == "accepted"
+        assert deliver(cleo_enters) == "accepted"
+        assert [deliver(ben_exits), deliver(ben_exits)] == ["accepted", "duplicate"]
+
+        # --- day two: the same name, a new run of the conference; only Cleo -----------------------
+        plivo.end_conference(XML_CONFERENCE)
+        plivo.new_conference_run(XML_CONFERENCE)
+        time.sleep(STEP)
+        assert deliver(plivo.join(XML_CONFERENCE, CALLERS["cleo"], DESK)) == "accepted"
+        time.sleep(STEP)
+        second = plivo.finish_recording(
+            "xml-day-2",
+            os.urandom(4096),
+            duration_ms=int(STEP * 1000),
+            scheme="camel",
+            conference_name=XML_CONFERENCE,
+        )
+        assert deliver(second) == "accepted"
+
+        # --- both archived; the worker asks the Call API who each member is ----------------------
+        day_one = wait_for_archive(base, "xml-day-1", compliance)
+        day_two = wait_for_archive(base, "xml-day-2", compliance)
+        assert day_one["conference_uuid"] == first["ConferenceUUID"]
+        assert day_two["conference_uuid"] == second["ConferenceUUID"] != first["ConferenceUUID"]
+        deadline = time.monotonic() + ARCHIVE_TIMEOUT
+        while time.monotonic() < deadline and search("cleo") != ["xml-day-2"]:
+            time.sleep(0.2)
+
+        # Search by each caller's number, written another way, finds exactly their recordings.
+        assert search("ana") == ["xml-day-1"]
+        assert search("ben") == ["xml-day-1"]
+        assert search("cleo") == ["xml-day-2"]
+
+        # The recording shows each participant's join and leave times.
+        shown = requests.get(
+            f"{base}/api/recordings/xml-day-1", headers=compliance, timeout=HTTP_TIMEOUT
+        ).json()["participants"]
+        by_number = {p["from"]: p for p in shown}
+        assert sorted(by_number) == sorted([CALLERS["ana"], CALLERS["ben"]])
+        ana, ben = by_number[CALLERS["ana"]], by_number[CALLERS["ben"]]
+        assert ana["caller_name"] == "Ana" and ana["source"] == "event"
+        assert parse_iso(ana["joined_at"]) <= first_start
+        assert ana["left_at"] is None
+        assert first_start - 1 <= parse_iso(ben["joined_at"]) <= first_end
+        assert parse_iso(ben["left_at"]) >= parse_iso(ben["joined_at"])
+        assert parse_iso(ben["left_at"]) >= first_end - 1
+        second_shown = requests.get(
+            f"{base}/api/recordings/xml-day-2", headers=compliance, timeout=HTTP_TIMEOUT
+        ).json()["participants"]
+        assert [p["from"] for p in second_shown] == [CALLERS["cleo"]]
+        for process in deployment.processes:
+            assert "Traceback" not in process.output(), f"{process.name} logged a traceback"
+
+
+def test_procfile_worker_finds_who_joins_an_api_started_recording_late(
+    service: Service, plivo: FakePlivo
+) -> None:
+    deployment = service.deployment
+    base = deployment.base_url
+    with deployment.logs_on_failure():
+        plivo.add_conference("Late Desk", members=[{"from": CALLERS["ana"], "to": DESK}])
+        started = requests.post(
+            f"{base}/api/conferences/Late%20Desk/recording",
+            headers=service.operator,
+            json={},
+            timeout=HTTP_TIMEOUT,
+        )
+        assert started.status_code == 201, started.text
+        recording_id = started.json()["recording_id"]
+        assert [p["from"] for p in started.json()["participants"]] == [CALLERS["ana"]]
+        time.sleep(STEP)
+        # Ben joins while it records: no event tells the service, the worker's re-read does.
+        plivo.conferences["Late Desk"]["members"].append(
+            {"member_id": "2", "from": CALLERS["ben"], "to": DESK, "call_uuid": "call-ben"}
+        )
+        deadline = time.monotonic() + ARCHIVE_TIMEOUT
+        shown: list[dict[str, Any]] = []
+        while time.monotonic() < deadline and len(shown) < 2:
+            shown = requests.get(
+                f"{base}/api/recordings/{recording_id}",
+                headers=service.compliance,
+                timeout=HTTP_TIMEOUT,
+            ).json()["participants"]
+            time.sleep(0.2)
+        ben = {p["from"]: p for p in shown}[CALLERS["ben"]]
+        assert ben["source"] == "poll"
+        assert parse_iso(ben["joined_at"]) >= started.json()["start_ms"] / 1000 - 1
+
+        params = plivo.finish_recording(recording_id, os.urandom(4096), duration_ms=3000)
+        params["recording_start_ms"] = str(started.json()["start_ms"])
+        params["recording_end_ms"] = str(int(time.time() * 1000))
+        answer = plivo.send_callback(f"{base}/plivo/recording", params, sign_url=CALLBACK_URL)
+        assert answer.status_code == 200, answer.text
+        wait_for_archive(base, recording_id, service.compliance)
+        found = requests.get(
+            f"{base}/api/recordings",
+            params={"participant": TYPED["ben"]},
+            headers=service.compliance,
+            timeout=HTTP_TIMEOUT,
+        ).json()["recordings"]
+        assert [r["recording_id"] for r in found] == [recording_id]

@@ -20,6 +20,8 @@ from webhook.models import Role
 def api_schema(app: Flask, client: Any, plivo: Any) -> Any:
     """The served document, bound to an app holding a few recordings and a running conference."""
     plivo.add_conference("Room 1")
+    # A member present for every recording, so participants with their times are checked too.
+    assert post_callback(client, plivo, plivo.join("Room 1", "+14155550101", "+14155550100"))
     for n in range(3):
         params = plivo.finish_recording(f"rec-{n}", b"audio", conference_name="Room 1")
         assert post_callback(client, plivo, params).status_code == 200

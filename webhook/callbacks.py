@@ -18,6 +18,7 @@ from webhook import services
 from webhook.config import archive_prefix
 from webhook.db import request_session
 from webhook.errors import APIError, BadParameter
+from webhook.members import parse_member_event, record_member_event, refresh_recording
 from webhook.models import CallbackLog, utcnow
 from webhook.recordings import CAMEL_NAMES, insert_ignoring_conflict, parse_report, record_report
 from webhook.signature import NONCE_HEADER, SIGNATURE_HEADERS, signature_matches
@@ -200,6 +201,7 @@ def store_recording(session: Session, fields: Mapping[str, str]) -> Outcome:
     report = parse_report(fields)
     settings = services(current_app).settings
     is_new = record_report(session, report, archive_prefix(settings.archive_url), now=utcnow())
+    refresh_recording(session, report.recording_id)
     return Outcome(
         {"status": "accepted" if is_new else "duplicate", "recording_id": report.recording_id},
         recording_id=report.recording_id,
@@ -207,15 +209,27 @@ def store_recording(session: Session, fields: Mapping[str, str]) -> Outcome:
     )
 
 
+def store_member_event(session: Session, fields: Mapping[str, str]) -> Outcome:
+    """A member entered or left a conference: kept once, folded into the conference's members."""
+    event = parse_member_event(fields)
+    is_new = record_member_event(session, event, now=utcnow())
+    return Outcome(
+        {"status": "accepted" if is_new else "duplicate", "conference_action": event.action},
+        duplicate=not is_new,
+    )
+
+
 def ignore_member_event(session: Session, fields: Mapping[str, str]) -> Outcome:
-    """A conference event other than a recording (enter, exit, digits…): acknowledged."""
+    """A conference event that says nothing of who is there (digits, floor…): acknowledged."""
     return Outcome({"status": "ignored", "conference_action": fields["ConferenceAction"][:32]})
 
 
 def conference_callback(fields: Mapping[str, str]) -> tuple[str, Handler]:
     """A recording's callback; a Conference XML callbackUrl also receives member events."""
-    action = fields.get("ConferenceAction", "")
-    if action and action.lower() != "record":
+    action = fields.get("ConferenceAction", "").lower()
+    if action in ("enter", "exit"):
+        return "member", store_member_event
+    if action and action != "record":
         return "member", ignore_member_event
     return "recording", store_recording
 

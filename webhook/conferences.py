@@ -156,6 +156,8 @@ def start_recording(svc: Services, name: str, file_format: str, started_by: str)
             members=members,
             started_by=started_by,
             key_prefix=archive_prefix(settings.archive_url),
+            # Not among Retrieve Conference's documented fields: taken if Plivo ever sends it.
+            conference_uuid=conference.get("conference_uuid") or None,
         )
         session.execute(
             update(ConferenceClaim)

@@ -92,6 +92,7 @@ class Settings:
     recording_notice_language: str = "en-US"
     delete_from_plivo_after_days: float | None = None
     transcription: str = "off"
+    member_poll_seconds: int = 60
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], instance_path: str) -> Settings:
@@ -139,6 +140,7 @@ class Settings:
             database_timeout_seconds=_int(env, "DATABASE_TIMEOUT_SECONDS", 5, minimum=2) or 5,
             **_policy(env, public_url),
             transcription=_transcription(env),
+            member_poll_seconds=_int(env, "MEMBER_POLL_SECONDS", 60) or 0,
         )
 
     def replace(self, **changes: Any) -> Settings:

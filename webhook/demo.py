@@ -109,6 +109,7 @@ def run_demo(port: int, serve: bool, instance_path: str | None = None) -> bool:
 
     audio = tone_wav()
     media = _media_server(audio)
+    entered = _callers_enter(f"{base}/plivo/recording", settings)
     recording_id = str(uuid.uuid4())
     now_ms = int(time.time() * 1000)
     params = {
@@ -133,6 +134,10 @@ def run_demo(port: int, serve: bool, instance_path: str | None = None) -> bool:
     click.echo(f"console:   {base}/console/")
     click.echo(f"database:  {settings.database_url}")
     click.echo(f"archive:   {settings.archive_url}")
+    for caller, answer in entered:
+        click.echo(
+            f"member:    {caller} enters, signed -> {answer.status_code} {answer.text.strip()}"
+        )
     answer = requests.post(
         callback_url,
         data=params,
@@ -236,6 +241,34 @@ def _send_transcript(auth_token: str, base: str, recording_id: str) -> requests.
         headers={"X-Plivo-Signature-V3": signature, NONCE_HEADER: nonce},
         timeout=10,
     )
+
+
+def _callers_enter(callback_url: str, settings: Settings) -> list[tuple[str, requests.Response]]:
+    """Two callers enter the demo conference: the member events, signed as Plivo signs them,
+    that a Conference XML callbackUrl receives."""
+    assert settings.plivo_auth_token is not None
+    conference_uuid = str(uuid.uuid4())
+    answers = []
+    for member_id, caller in (("1", "+14155550101"), ("2", "+442071838750")):
+        fields = {
+            "ConferenceAction": "enter",
+            "ConferenceName": "Demo Conference",
+            "ConferenceUUID": conference_uuid,
+            "ConferenceMemberID": member_id,
+            "CallUUID": str(uuid.uuid4()),
+            "From": caller,
+            "To": "+14155550100",
+        }
+        nonce = secrets.token_hex(10)
+        signed = signature_base("POST", callback_url, {k: [v] for k, v in fields.items()})
+        headers = {
+            "X-Plivo-Signature-V3": sign(settings.plivo_auth_token, signed, nonce),
+            NONCE_HEADER: nonce,
+        }
+        answers.append(
+            (caller, requests.post(callback_url, data=fields, headers=headers, timeout=10))
+        )
+    return answers
 
 
 def _close(svc: Services, server: BaseWSGIServer, staff_name: str) -> None:

@@ -112,6 +112,8 @@ class Recording(Base):
     plivo_deleted_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     # Set when a re-read of the archived object did not match its SHA-256: never deleted then.
     archive_mismatch: Mapped[str | None] = mapped_column(Text)
+    # Plivo's id of the conference's run: a name is reused every day, this is not.
+    conference_uuid: Mapped[str | None] = mapped_column(String(64))
 
     participants: Mapped[list[Participant]] = relationship(
         back_populates="recording", order_by="Participant.id", cascade="all, delete-orphan"
@@ -158,7 +160,9 @@ class Recording(Base):
 
 
 class Participant(Base):
-    """A conference member as snapshotted when the recording started."""
+    """A member present while a recording ran: a copy of its conference member (`member_pk`),
+    recomputed when events, re-reads or the recording's times arrive, or a snapshot taken at the
+    start by an older version (no `member_pk`)."""
 
     __tablename__ = "participants"
 
@@ -173,6 +177,14 @@ class Participant(Base):
     direction: Mapped[str | None] = mapped_column(String(16))
     call_uuid: Mapped[str | None] = mapped_column(String(64))
     join_time: Mapped[str | None] = mapped_column(String(32))
+    member_pk: Mapped[int | None] = mapped_column(
+        ForeignKey("conference_members.id", ondelete="CASCADE")
+    )
+    joined_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    left_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    # Where the join was learnt: event (Conference XML callbackUrl), snapshot (at the start of
+    # a recording through the API) or poll (a re-read of the conference while recording).
+    source: Mapped[str | None] = mapped_column(String(16))
 
     recording: Mapped[Recording] = relationship(back_populates="participants")
 
@@ -180,6 +192,8 @@ class Participant(Base):
         Index("ix_participants_recording_pk", "recording_pk"),
         Index("ix_participants_from_key", "from_key"),
         Index("ix_participants_to_key", "to_key"),
+        UniqueConstraint("recording_pk", "member_pk", name="uq_participants_recording_member"),
+        Index("ix_participants_member_pk", "member_pk"),
     )
 
 
@@ -423,3 +437,70 @@ class Transcript(Base):
             sqlite_where=TRANSCRIPTS_UNARCHIVED,
         ),
     )
+
+
+class ConferenceMember(Base):
+    """One call's presence in one conference: who (filled from the Call API when an event did not
+    say), when it joined and left, and where that was learnt. Folded from member events, member
+    snapshots and re-reads; a recording's participants are copied from the members present while
+    it ran."""
+
+    __tablename__ = "conference_members"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    conference_name: Mapped[str] = mapped_column(String(255))
+    conference_uuid: Mapped[str | None] = mapped_column(String(64))
+    # The call's UUID, or (without one) the member id within its conference run or recording.
+    identity: Mapped[str] = mapped_column(String(160))
+    member_id: Mapped[str | None] = mapped_column(String(64))
+    call_uuid: Mapped[str | None] = mapped_column(String(64))
+    from_number: Mapped[str | None] = mapped_column("from", String(255))
+    to_number: Mapped[str | None] = mapped_column("to", String(255))
+    caller_name: Mapped[str | None] = mapped_column(String(255))
+    direction: Mapped[str | None] = mapped_column(String(16))
+    join_time: Mapped[str | None] = mapped_column(String(32))
+    joined_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    left_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    # The last moment the member was known to be in the conference (or its exit).
+    last_seen_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    source: Mapped[str] = mapped_column(String(16))
+    # Who the member is, from the Call API: done when details_at is set; retried until then.
+    details_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    details_attempts: Mapped[int] = mapped_column(Integer, default=0)
+    details_next_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    details_error: Mapped[str | None] = mapped_column(Text)
+    # When the member was told the conference is recorded; null: not (yet) known to be told.
+    notified_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    __table_args__ = (
+        UniqueConstraint("conference_name", "identity", name="uq_conference_members_identity"),
+        Index("ix_conference_members_name_last_seen", "conference_name", "last_seen_at"),
+        Index("ix_conference_members_conference_uuid", "conference_uuid"),
+        Index(
+            "ix_conference_members_details_due",
+            "details_next_at",
+            postgresql_where=text("details_at IS NULL"),
+            sqlite_where=text("details_at IS NULL"),
+        ),
+    )
+
+
+class MemberEvent(Base):
+    """A conference member event (enter, exit) as received, once each (append-only)."""
+
+    __tablename__ = "member_events"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    action: Mapped[str] = mapped_column(String(16))
+    conference_name: Mapped[str] = mapped_column(String(255))
+    conference_uuid: Mapped[str | None] = mapped_column(String(64))
+    member_id: Mapped[str] = mapped_column(String(64))
+    call_uuid: Mapped[str | None] = mapped_column(String(64))
+    from_number: Mapped[str | None] = mapped_column("from", String(255))
+    to_number: Mapped[str | None] = mapped_column("to", String(255))
+    # SHA-256 of what makes the event itself: Plivo's retries of it share this key.
+    event_key: Mapped[str] = mapped_column(String(64))
+
+    __table_args__ = (UniqueConstraint("event_key", name="uq_member_events_event_key"),)

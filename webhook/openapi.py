@@ -68,7 +68,8 @@ FILTER_PARAMS = [
     _query("conference_prefix", "Conference names starting with this", TEXT),
     _query(
         "participant",
-        "A member's from/to, formatting ignored (+1 (415) 555-0101 = 14155550101; sip: addresses)",
+        "From/to of a member present while the recording ran, formatting ignored "
+        "(+1 (415) 555-0101 = 14155550101; sip: addresses)",
         TEXT,
     ),
     _query("since", "Recording start at or after (ISO-8601; UTC if no zone)", TEXT),
@@ -121,18 +122,45 @@ SCHEMAS: dict[str, Any] = {
     },
     "Participant": {
         "type": "object",
+        "description": "A conference member present while the recording ran: its presence "
+        "overlaps the recording's start and end, in the same run of the conference "
+        "(ConferenceUUID) where known. from/to/caller_name/direction come from Retrieve "
+        "Conference or, for members learnt from events, from Plivo's Call API (null until known).",
         "properties": {
-            name: NULLABLE_STRING
-            for name in (
-                "member_id",
-                "from",
-                "to",
-                "caller_name",
-                "direction",
-                "call_uuid",
-                "join_time",
-                "notified_at",
-            )
+            **{
+                name: NULLABLE_STRING
+                for name in (
+                    "member_id",
+                    "from",
+                    "to",
+                    "caller_name",
+                    "direction",
+                    "call_uuid",
+                    "join_time",
+                )
+            },
+            "joined_at": {
+                "type": ["string", "null"],
+                "format": "date-time",
+                "description": "When the member joined the conference (null: not known)",
+            },
+            "left_at": {
+                "type": ["string", "null"],
+                "format": "date-time",
+                "description": "When the member left (null: still there, or not known)",
+            },
+            "source": {
+                "type": ["string", "null"],
+                "enum": ["event", "snapshot", "poll", None],
+                "description": "Where the join was learnt: a member event (Conference XML "
+                "callbackUrl), the snapshot at the start of a recording through the API, or a "
+                "re-read of the conference while it was recorded",
+            },
+            "notified_at": {
+                "type": ["string", "null"],
+                "format": "date-time",
+                "description": "When the member was told the conference is recorded",
+            },
         },
     },
     "Notice": {
@@ -162,6 +190,10 @@ SCHEMAS: dict[str, Any] = {
         "properties": {
             "recording_id": STRING,
             "conference_name": NULLABLE_STRING,
+            "conference_uuid": {
+                "type": ["string", "null"],
+                "description": "Plivo's id of the conference's run (a name is reused, this not)",
+            },
             "status": {"type": "string", "enum": [s.value for s in Status]},
             "file_format": NULLABLE_STRING,
             "duration_ms": NULLABLE_INT,
@@ -332,8 +364,15 @@ SCHEMAS: dict[str, Any] = {
 
 CALLBACK_FIELDS = {
     "type": "object",
-    "required": ["recording_id", "record_url"],
+    "description": "A recording's callback needs recording_id and record_url (RecordingID and "
+    "RecordUrl in CamelCase); a member event needs ConferenceAction (enter or exit), "
+    "ConferenceName, ConferenceMemberID, and CallUUID or ConferenceUUID.",
     "properties": {
+        "ConferenceAction": STRING,
+        "ConferenceName": STRING,
+        "ConferenceUUID": STRING,
+        "ConferenceMemberID": STRING,
+        "CallUUID": STRING,
         "api_id": STRING,
         "record_url": STRING,
         "recording_id": STRING,
@@ -365,7 +404,10 @@ def _callback_operation(
     method: str, kind: str = "recording", fields: dict[str, Any] = CALLBACK_FIELDS
 ) -> dict[str, Any]:
     naming = (
-        "Field names in snake_case (Record API) or CamelCase (Conference XML)."
+        "Field names in snake_case (Record API) or CamelCase (Conference XML). A Conference XML "
+        "callbackUrl also receives member events: enter and exit are stored once each "
+        "(accepted, then duplicate for Plivo's retries); digits, floor and the like are "
+        "acknowledged as ignored."
         if kind == "recording"
         else "Stored once per recording, whether before or after the recording's callback; "
         "`transcription` or `error` is required."

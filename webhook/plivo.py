@@ -21,6 +21,8 @@ CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 # (connect, read) seconds: an API call that takes longer is answered 504 to our own caller.
 DEFAULT_TIMEOUT = (3.05, 15.0)
+# Looking up a call is background work retried later: it must not hold the worker's loop long.
+LOOKUP_TIMEOUT = (3.05, 5.0)
 
 
 class PlivoClient:
@@ -34,6 +36,7 @@ class PlivoClient:
         self.http = requests.Session()
         self.http.auth = (auth_id, auth_token)
         self.http.headers["User-Agent"] = "plivo-recording-archive"
+        self.lookup_timeout: tuple[float, float] = LOOKUP_TIMEOUT
         # Reads are retried on Plivo's 5xx and on connection errors; writes are not, because a
         # repeated "start recording" would start a second recording.
         retry = Retry(
@@ -47,8 +50,9 @@ class PlivoClient:
 
     def _call(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
         url = self.account_url + path
+        timeout = kwargs.pop("timeout", DEFAULT_TIMEOUT)
         try:
-            response = self.http.request(method, url, timeout=DEFAULT_TIMEOUT, **kwargs)
+            response = self.http.request(method, url, timeout=timeout, **kwargs)
         except requests.Timeout:
             raise PlivoError(504, "plivo_timeout", "Plivo did not answer in time") from None
         except requests.ConnectionError as exc:
@@ -168,6 +172,16 @@ class PlivoClient:
     def get_recording(self, recording_id: str) -> dict[str, Any]:
         """One recording's details (durations, times, URL)."""
         return self._call("GET", f"Recording/{quote(recording_id, safe='')}/")
+
+    def get_call(self, call_uuid: str, live: bool = False) -> dict[str, Any]:
+        """A call: while it is up (`live`, with from, to, caller_name, direction), or its record
+        once it has ended (from_number, to_number, call_direction)."""
+        return self._call(
+            "GET",
+            f"Call/{quote(call_uuid, safe='')}/",
+            params={"status": "live"} if live else None,
+            timeout=self.lookup_timeout,
+        )
 
     def iter_recordings(self, **filters: str) -> Iterator[dict[str, Any]]:
         """Every recording matching the filters, following Plivo's pages (20 a page at most)."""

@@ -17,7 +17,15 @@ from sqlalchemy.orm import Session, object_session, selectinload
 
 from webhook.db import rowcount
 from webhook.errors import BadParameter
-from webhook.models import LegalHoldEvent, Participant, Recording, Status, Transcript, utcnow
+from webhook.models import (
+    ConferenceMember,
+    LegalHoldEvent,
+    Participant,
+    Recording,
+    Status,
+    Transcript,
+    utcnow,
+)
 from webhook.notices import notices_of, notified_at
 
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -35,6 +43,7 @@ CAMEL_NAMES = {
     "RecordingDurationMs": "recording_duration_ms",
     "RecordingStartMs": "recording_start_ms",
     "RecordingEndMs": "recording_end_ms",
+    "ConferenceUUID": "conference_uuid",
 }
 
 
@@ -49,6 +58,7 @@ class RecordingReport:
     duration_ms: int | None = None
     start_ms: int | None = None
     end_ms: int | None = None
+    conference_uuid: str | None = None
 
     @property
     def file_format(self) -> str:
@@ -130,6 +140,7 @@ def parse_report(raw: Mapping[str, str]) -> RecordingReport:
         duration_ms=duration_ms if duration_ms is not None else duration_s,
         start_ms=start_ms,
         end_ms=end_ms,
+        conference_uuid=_text(fields, "conference_uuid", 64),
     )
 
 
@@ -149,10 +160,6 @@ def insert_ignoring_conflict(session: Session, model: type[Any], values: dict[st
     key = table.primary_key.columns[0]
     statement = insert(table).values(**values).on_conflict_do_nothing().returning(key)
     return session.execute(statement).first() is not None
-
-
-def _now_ms() -> int:
-    return int(utcnow().timestamp() * 1000)
 
 
 def record_report(
@@ -187,6 +194,7 @@ def record_report(
             **reported,
             "recording_id": report.recording_id,
             "conference_name": report.conference_name,
+            "conference_uuid": report.conference_uuid,
             "api_id": report.api_id,
             "start_ms": start_ms,
             "archive_key": archive_key(
@@ -215,6 +223,8 @@ def record_report(
         changes["conference_name"] = report.conference_name
     if existing.api_id is None and report.api_id:
         changes["api_id"] = report.api_id
+    if existing.conference_uuid is None and report.conference_uuid:
+        changes["conference_uuid"] = report.conference_uuid
     # Conditional on the state, so of two simultaneous callbacks exactly one moves the row.
     moved = rowcount(
         session.execute(
@@ -237,10 +247,14 @@ def record_start(
     members: list[Mapping[str, Any]],
     started_by: str,
     key_prefix: str,
+    conference_uuid: str | None = None,
 ) -> Recording:
     """Store a recording just started through Plivo's API, with its conference's members."""
+    # The members module builds on this one (keys, inserts): imported here, not at the top.
+    from webhook.members import observe_members, refresh_participants
+
     now = utcnow()
-    start_ms = _now_ms()
+    start_ms = int(now.timestamp() * 1000)
     insert_ignoring_conflict(
         session,
         Recording,
@@ -265,8 +279,18 @@ def record_start(
         select(Recording).where(Recording.recording_id == recording_id)
     ).one()
     recording.started_by = started_by
-    if not recording.participants:
-        recording.participants = [participant_from_member(m) for m in members]
+    if recording.conference_uuid is None:
+        recording.conference_uuid = conference_uuid
+    observe_members(
+        session,
+        conference_name,
+        members,
+        "snapshot",
+        now,
+        conference_uuid=recording.conference_uuid,
+        run=recording_id,
+    )
+    refresh_participants(session, recording)
     return recording
 
 
@@ -281,32 +305,12 @@ def participant_key(value: str | None) -> str | None:
     return digits or value.lower()
 
 
-def participant_from_member(member: Mapping[str, Any]) -> Participant:
-    """A participant row from a member of Plivo's Retrieve Conference answer."""
-
-    def field(name: str, limit: int) -> str | None:
-        value = member.get(name)
-        return None if value in (None, "") else str(value)[:limit]
-
-    return Participant(
-        member_id=field("member_id", 64),
-        from_number=field("from", 255),
-        to_number=field("to", 255),
-        from_key=participant_key(field("from", 255)),
-        to_key=participant_key(field("to", 255)),
-        caller_name=field("caller_name", 255),
-        direction=field("direction", 16),
-        call_uuid=field("call_uuid", 64),
-        join_time=field("join_time", 32),
-    )
-
-
 def find(session: Session, recording_id: str) -> Recording | None:
-    """A recording with its participants, by Plivo's recording id."""
+    """A recording by Plivo's recording id (`to_json` loads its participants)."""
     return session.scalars(
         select(Recording)
         .where(Recording.recording_id == recording_id)
-        .options(selectinload(Recording.participants), selectinload(Recording.transcript))
+        .options(selectinload(Recording.transcript))
     ).one_or_none()
 
 
@@ -352,7 +356,12 @@ PARTICIPANT_FIELDS = (
     ("direction", Participant.direction),
     ("call_uuid", Participant.call_uuid),
     ("join_time", Participant.join_time),
+    ("joined_at", Participant.joined_at),
+    ("left_at", Participant.left_at),
+    ("source", Participant.source),
+    ("notified_at", ConferenceMember.notified_at),
 )
+TIME_FIELDS = frozenset({"joined_at", "left_at", "notified_at"})
 
 
 def participants_of(session: Session, recording_pks: list[int]) -> dict[int, list[dict[str, Any]]]:
@@ -367,11 +376,18 @@ def participants_of(session: Session, recording_pks: list[int]) -> dict[int, lis
     columns = [column for _, column in PARTICIPANT_FIELDS]
     rows = session.execute(
         select(Participant.recording_pk, *columns)
+        .outerjoin(ConferenceMember, ConferenceMember.id == Participant.member_pk)
         .where(Participant.recording_pk.in_(recording_pks))
         .order_by(Participant.recording_pk, Participant.id)
     )
+    names = [name for name, _ in PARTICIPANT_FIELDS]
     for pk, *values in rows:
-        found[pk].append(dict(zip((name for name, _ in PARTICIPANT_FIELDS), values, strict=True)))
+        found[pk].append(
+            {
+                name: _iso(value) if name in TIME_FIELDS else value
+                for name, value in zip(names, values, strict=True)
+            }
+        )
     return found
 
 
@@ -384,6 +400,7 @@ def to_json(
     body: dict[str, Any] = {
         "recording_id": recording.recording_id,
         "conference_name": recording.conference_name,
+        "conference_uuid": recording.conference_uuid,
         "status": recording.status,
         "file_format": recording.file_format,
         "duration_ms": recording.duration_ms,
@@ -414,14 +431,15 @@ def to_json(
             "archived_at": _iso(recording.archived_at),
         }
     if participants is None:
-        participants = [
-            {name: getattr(p, column.key) for name, column in PARTICIPANT_FIELDS}
-            for p in recording.participants
-        ]
+        session = object_session(recording)
+        assert session is not None, "a recording shown without its participants is attached"
+        participants = participants_of(session, [recording.id])[recording.id]
     if notices is None:
         session = object_session(recording)
         notices = notices_of(session, [recording.id])[recording.id] if session else []
-    body["participants"] = [{**p, "notified_at": notified_at(p, notices)} for p in participants]
+    body["participants"] = [
+        {**p, "notified_at": p.get("notified_at") or notified_at(p, notices)} for p in participants
+    ]
     body["notices"] = notices
     body["plivo_deleted_at"] = _iso(recording.plivo_deleted_at)
     body["archive_mismatch"] = recording.archive_mismatch

@@ -13,6 +13,7 @@ from sqlalchemy import select, update
 from webhook.config import archive_prefix
 from webhook.db import transaction
 from webhook.errors import BadParameter
+from webhook.members import refresh_recording
 from webhook.models import ReconcileRun, utcnow
 from webhook.recordings import insert_ignoring_conflict, parse_report, record_report
 
@@ -99,6 +100,7 @@ def _queue_listed(
             continue
         with transaction(svc.sessions) as session:
             result.queued += record_report(session, report, prefix)
+            refresh_recording(session, report.recording_id)
 
 
 def _window_filters(start: dt.datetime, end: dt.datetime) -> dict[str, str]:

@@ -22,11 +22,13 @@ from sqlalchemy.exc import DBAPIError
 from webhook import policy
 from webhook.archive.deletion import DELETE_EVERY_SECONDS, delete_from_plivo
 from webhook.archive.media import MediaError, RefusedMedia, RefusedURL, media_limits, open_media
+from webhook.archive.members import DETAILS_INTERVAL_SECONDS, fill_member_details, poll_members
 from webhook.archive.reconcile import reconcile
 from webhook.archive.storage import HashingReader, Interrupted, StorageError, StoredObject
 from webhook.archive.transcripts import archive_transcripts
 from webhook.db import rowcount, transaction
 from webhook.errors import BadParameter, PlivoError
+from webhook.members import refresh_recording
 from webhook.models import Recording, Schedule, Status, utcnow
 from webhook.recordings import EPOCH_MS_RANGE, MAX_DURATION_MS, insert_ignoring_conflict, parse_ms
 
@@ -337,6 +339,8 @@ class Worker:
             values["duration_s"] = values["duration_ms"] // 1000
         with transaction(self.services.sessions) as session:
             session.execute(update(Recording).where(Recording.id == job.id).values(**values))
+            # Its end now known, the members present while it ran are known better too.
+            refresh_recording(session, job.recording_id)
         return Job(**{**job.__dict__, **{k: v for k, v in values.items() if k != "duration_s"}})
 
     # --- the loop ---------------------------------------------------------------------------
@@ -396,6 +400,11 @@ class Worker:
             self.delete_from_plivo()
         if self._turn_is_ours("transcripts", TRANSCRIPT_CHORE_SECONDS):
             self.archive_transcripts()
+        poll = self.settings.member_poll_seconds
+        if poll and plivo_configured and self._turn_is_ours("member_poll", poll):
+            poll_members(self.services)
+        if plivo_configured and self._turn_is_ours("member_details", DETAILS_INTERVAL_SECONDS):
+            fill_member_details(self.services)
 
     def run(self, once: bool = False, poll_seconds: float = 1.0) -> int:
         """Archive until stopped (with `once`: until nothing is due); answer how many jobs ran.
