@@ -9,7 +9,7 @@ import pytest
 from flask import Flask
 from sqlalchemy import select, update
 
-from tests.conftest import post_callback, token_for
+from tests.conftest import MP3_TAG, post_callback, token_for
 from tests.fakeplivo import FakePlivo
 from webhook import services
 from webhook.archive.members import (
@@ -48,7 +48,7 @@ def xml_recording_with_a_member(app: Flask, plivo: FakePlivo, register_call: boo
         plivo.phone_calls.clear()
     client = app.test_client()
     assert post_callback(client, plivo, enter).json["status"] == "accepted"
-    params = plivo.finish_recording("xml-rec", b"audio", scheme="camel", conference_name=ROOM)
+    params = plivo.finish_recording("xml-rec", MP3_TAG, scheme="camel", conference_name=ROOM)
     assert post_callback(client, plivo, params).json["status"] == "accepted"
     return "xml-rec"
 
@@ -160,7 +160,7 @@ def test_an_api_started_recording_finds_a_member_who_joined_two_minutes_after_th
     plivo.conferences[ROOM]["members"].pop(0)
     assert poll_members(svc, now=start + dt.timedelta(minutes=4)) == 1
 
-    params = plivo.finish_recording(recording_id, b"audio", duration_ms=300_000)
+    params = plivo.finish_recording(recording_id, MP3_TAG, duration_ms=300_000)
     params["recording_start_ms"] = str(started.json["start_ms"])
     params["recording_end_ms"] = str(started.json["start_ms"] + 300_000)
     assert post_callback(client, plivo, params).json["status"] == "accepted"
@@ -230,7 +230,7 @@ def test_an_end_learnt_from_the_recording_api_recomputes_the_participants(app, p
     svc = services(app)
     start = utcnow() - dt.timedelta(minutes=10)
     true_end, entered, arrived = (start + dt.timedelta(minutes=m) for m in (2, 5, 9))
-    plivo.finish_recording("late-end", b"audio", conference_name=ROOM)
+    plivo.finish_recording("late-end", MP3_TAG, conference_name=ROOM)
     plivo.recordings["late-end"].update(
         recording_duration_ms="120000.00000",
         recording_end_ms=f"{true_end.timestamp() * 1000:.5f}",

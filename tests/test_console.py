@@ -287,10 +287,14 @@ def test_recording_page_shows_metadata_participants_and_history(app):
     page = signed_in(app).get("/console/recordings/m1")
     assert page.status_code == 200
     assert "<title>Recording m1 · Recording archive</title>" in page.text
+    api = app.test_client().get(
+        "/api/recordings/m1", headers={"Authorization": f"Bearer {token_for(app, Role.COMPLIANCE)}"}
+    )
+    joined = api.get_json()["participants"][0]["joined_at"]
     for shown in (
         "John",
         "sip:bob@example.com",
-        "590 s into the conference",
+        joined,  # when the member joined, as the API says
         "k/m1.mp3",
         "ab" * 32,
         "1234 bytes",
@@ -405,9 +409,15 @@ def test_signing_in_again_replaces_the_browsers_session(app):
 
 def test_search_hits_show_their_transcript_snippet_with_the_words_marked(app, plivo):
     seed(app, Seed("n1"), Seed("n2"))
-    fields = plivo.transcribe("n1", "Speaker 0: we should sell the <b>bonds</b> today")
+    fields = plivo.transcribe("n1", "Speaker 0: we should sell the bonds today")
     assert post_transcription(app.test_client(), plivo, fields).status_code == 200
     page = signed_in(app).get("/console/?q=bonds")
     assert "n1" in page.text and "n2" not in page.text
-    assert "<mark>bonds</mark>" in page.text
-    assert "&lt;b&gt;" in page.text and "«" not in page.text  # escaped; marks become <mark>
+    assert "<mark>bonds</mark>" in page.text and "«" not in page.text
+
+
+def test_snippet_marks_become_mark_elements_and_the_rest_is_escaped():
+    marked = present.marked("…sell the «bonds» <b>now</b> & «later»…")
+    assert str(marked) == (
+        "…sell the <mark>bonds</mark> &lt;b&gt;now&lt;/b&gt; &amp; <mark>later</mark>…"
+    )

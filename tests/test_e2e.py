@@ -355,7 +355,7 @@ def test_procfile_processes_know_who_was_on_a_conference_xml_recording(
         first_end = time.time()
         first = plivo.finish_recording(
             "xml-day-1",
-            os.urandom(4096),
+            mp3_bytes(4096),
             duration_ms=int((first_end - first_start) * 1000),
             scheme="camel",
             conference_name=XML_CONFERENCE,
@@ -379,7 +379,7 @@ def test_procfile_processes_know_who_was_on_a_conference_xml_recording(
         time.sleep(STEP)
         second = plivo.finish_recording(
             "xml-day-2",
-            os.urandom(4096),
+            mp3_bytes(4096),
             duration_ms=int(STEP * 1000),
             scheme="camel",
             conference_name=XML_CONFERENCE,
@@ -455,7 +455,7 @@ def test_procfile_worker_finds_who_joins_an_api_started_recording_late(
         assert ben["source"] == "poll"
         assert parse_iso(ben["joined_at"]) >= started.json()["start_ms"] / 1000 - 1
 
-        params = plivo.finish_recording(recording_id, os.urandom(4096), duration_ms=3000)
+        params = plivo.finish_recording(recording_id, mp3_bytes(4096), duration_ms=3000)
         params["recording_start_ms"] = str(started.json()["start_ms"])
         params["recording_end_ms"] = str(int(time.time() * 1000))
         answer = plivo.send_callback(f"{base}/plivo/recording", params, sign_url=CALLBACK_URL)
