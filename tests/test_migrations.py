@@ -150,15 +150,45 @@ APPEND_ONLY_ROWS = {
         "duplicate": False,
     },
     "legal_hold_events": {"recording_id": "r", "on": True, "reason": "x", "staff_name": "s"},
+    "member_events": {
+        "received_at": utcnow(),
+        "action": "enter",
+        "conference_name": "c",
+        "member_id": "1",
+        "event_key": "k",
+    },
+    "recording_notices": {"member_id": "1", "at": utcnow(), "outcome": "played"},
+    "plivo_deletions": {"recording_id": "r", "at": utcnow(), "outcome": "deleted"},
 }
+# Logs with a second unique key besides their id: a new row may not replace a logged one by it.
+UNIQUE_KEYS = {"callback_log": "nonce", "member_events": "event_key"}
+APPEND_ONLY_TABLES = [*APPEND_ONLY_ROWS, "audit_recordings"]
 
 
 def _fill_append_only_tables(conn: sa.Connection) -> None:
     tables = Base.metadata.tables
     for name, row in APPEND_ONLY_ROWS.items():
         values = {"at": utcnow(), **row} if name == "legal_hold_events" else row
-        if name == "callback_log":
-            values = {**values, "nonce": uuid.uuid4().hex}  # each logged nonce is unique
+        if name in UNIQUE_KEYS:
+            values = {**values, UNIQUE_KEYS[name]: uuid.uuid4().hex}
+        if name == "recording_notices":
+            recordings = tables["recordings"]
+            values = {
+                **values,
+                "recording_pk": conn.execute(
+                    recordings.insert()
+                    .values(
+                        recording_id=uuid.uuid4().hex,
+                        start_ms=0,
+                        status="recording",
+                        attempts=0,
+                        legal_hold=False,
+                        created_at=utcnow(),
+                        updated_at=utcnow(),
+                    )
+                    .returning(recordings.c.id)
+                ).scalar_one(),
+            }
         conn.execute(tables[name].insert().values(**values))
     audit_id = conn.execute(sa.select(sa.func.max(tables["audit_events"].c.id))).scalar_one()
     conn.execute(tables["audit_recordings"].insert().values(audit_id=audit_id, recording_id="r"))
@@ -170,15 +200,13 @@ def _counts(engine: sa.Engine) -> dict[str, int]:
             name: conn.execute(
                 sa.select(sa.func.count()).select_from(Base.metadata.tables[name])
             ).scalar_one()
-            for name in (*APPEND_ONLY_ROWS, "audit_recordings")
+            for name in APPEND_ONLY_TABLES
         }
 
 
 @pytest.mark.postgres
 @pytest.mark.skipif(not ON_POSTGRES, reason="TRUNCATE is PostgreSQL's (set TEST_DATABASE_URL)")
-@pytest.mark.parametrize(
-    "table", ["audit_events", "audit_recordings", "callback_log", "legal_hold_events"]
-)
+@pytest.mark.parametrize("table", APPEND_ONLY_TABLES)
 def test_append_only_tables_refuse_truncate(database_url: str, table: str) -> None:
     engine = sa.create_engine(database_url)
     with engine.begin() as conn:
@@ -193,9 +221,7 @@ def test_append_only_tables_refuse_truncate(database_url: str, table: str) -> No
 
 
 @pytest.mark.skipif(ON_POSTGRES, reason="INSERT OR REPLACE is SQLite's")
-@pytest.mark.parametrize(
-    "table", ["audit_events", "audit_recordings", "callback_log", "legal_hold_events"]
-)
+@pytest.mark.parametrize("table", APPEND_ONLY_TABLES)
 def test_append_only_tables_refuse_insert_or_replace(database_url: str, table: str) -> None:
     engine = sa.create_engine(database_url)
     model_table = Base.metadata.tables[table]
@@ -205,15 +231,16 @@ def test_append_only_tables_refuse_insert_or_replace(database_url: str, table: s
         original = conn.execute(sa.select(model_table)).mappings().one()
     # The same key (for audit_recordings the key is the whole row), other contents.
     forged = {**original, **{c: "rewritten" for c in ("path", "body", "reason") if c in original}}
-    if table == "callback_log":
-        forged["nonce"] = "another"  # the same id under another nonce
+    if table in UNIQUE_KEYS:
+        forged[UNIQUE_KEYS[table]] = "another"  # the same id under another key
     statement = sa.insert(model_table).prefix_with("OR REPLACE").values(**forged)
 
     with pytest.raises(sa.exc.DatabaseError, match="append-only"), engine.begin() as conn:
         conn.execute(statement)
-    if table == "callback_log":
-        # The log's other unique key: a request with the nonce of a logged one, under a new id.
-        again = {**forged, "id": original["id"] + 1000, "nonce": original["nonce"]}
+    if table in UNIQUE_KEYS:
+        # The log's other unique key: a row with the key of a logged one, under a new id.
+        key = UNIQUE_KEYS[table]
+        again = {**forged, "id": original["id"] + 1000, key: original[key]}
         with engine.begin() as conn:
             conn.execute(sa.insert(model_table).prefix_with("OR REPLACE").values(**again))
 
