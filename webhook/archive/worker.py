@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 CONTENT_TYPES = {"mp3": "audio/mpeg", "wav": "audio/wav"}
 MAX_RETRY_DELAY = 6 * 3600.0
+CHORES_EVERY_SECONDS = 1.0
 
 # Failures of the media host, the network or the archive: worth another attempt later.
 RETRYABLE = (
@@ -288,6 +289,7 @@ class Worker:
                 reader,
                 CONTENT_TYPES.get(job.file_format or "", "application/octet-stream"),
                 self._retain_until(job),
+                first_attempt=job.attempts == 1,
             )
         expected = response.headers.get("Content-Length")
         if expected is not None and expected.isdigit() and int(expected) != stored.size:
@@ -368,9 +370,13 @@ class Worker:
         """
         done = 0
         db_failures = 0
+        chores_due = 0.0
         while not self.stop.is_set():
             try:
-                if not once:
+                # Chores claim their turns in the database: look at most once a second, not
+                # between every two jobs of a backlog.
+                if not once and time.monotonic() >= chores_due:
+                    chores_due = time.monotonic() + CHORES_EVERY_SECONDS
                     self._chores()
                 job = self.claim()
                 db_failures = 0
