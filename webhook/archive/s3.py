@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterator
+from functools import cached_property
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, cast
 
 import boto3
 from boto3.exceptions import Boto3Error
-from boto3.s3.transfer import TransferConfig
+from boto3.s3.transfer import TransferConfig, create_transfer_manager
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -24,6 +25,7 @@ from webhook.archive.storage import (
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
+    from s3transfer.manager import TransferManager
 
 
 class S3Storage:
@@ -50,8 +52,19 @@ class S3Storage:
         # hold 80 MiB. Three bound the worker's memory whatever the recording's size.
         self.transfer.max_in_memory_upload_chunks = 3
 
+    @cached_property
+    def _uploads(self) -> TransferManager:
+        """One transfer manager (and its threads) for every upload of this process."""
+        return create_transfer_manager(self.client, self.transfer)
+
     def put(
-        self, key: str, reader: HashingReader, content_type: str, retain_until: dt.datetime | None
+        self,
+        key: str,
+        reader: HashingReader,
+        content_type: str,
+        retain_until: dt.datetime | None,
+        *,
+        first_attempt: bool = False,
     ) -> StoredObject:
         extra: dict[str, Any] = {
             "ServerSideEncryption": "AES256",
@@ -62,11 +75,12 @@ class S3Storage:
             extra["ObjectLockMode"] = self.object_lock_mode
             extra["ObjectLockRetainUntilDate"] = retain_until
         try:
-            self._abort_stale_uploads(key)
+            if not first_attempt:
+                self._abort_stale_uploads(key)
             # On failure the transfer manager aborts the multipart upload it started.
-            self.client.upload_fileobj(
-                cast("IO[bytes]", reader), self.bucket, key, ExtraArgs=extra, Config=self.transfer
-            )
+            self._uploads.upload(
+                cast("IO[bytes]", reader), self.bucket, key, extra_args=extra
+            ).result()
             head = self.client.head_object(Bucket=self.bucket, Key=key, ChecksumMode="ENABLED")
         except (BotoCoreError, ClientError, Boto3Error) as exc:
             raise StorageError(f"S3 upload of {key} failed: {exc}") from exc

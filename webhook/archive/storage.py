@@ -120,8 +120,17 @@ class Storage(Protocol):
     description: str
 
     def put(
-        self, key: str, reader: HashingReader, content_type: str, retain_until: dt.datetime | None
-    ) -> StoredObject: ...
+        self,
+        key: str,
+        reader: HashingReader,
+        content_type: str,
+        retain_until: dt.datetime | None,
+        *,
+        first_attempt: bool = False,
+    ) -> StoredObject:
+        """Store the reader's bytes under `key` and confirm them. `first_attempt`: no earlier
+        attempt can have left a partial upload of this key behind."""
+        ...
 
     def read(self, key: str, version_id: str | None = None) -> Iterator[bytes]: ...
 
@@ -187,7 +196,13 @@ class LocalStorage:
         return path
 
     def put(
-        self, key: str, reader: HashingReader, content_type: str, retain_until: dt.datetime | None
+        self,
+        key: str,
+        reader: HashingReader,
+        content_type: str,
+        retain_until: dt.datetime | None,
+        *,
+        first_attempt: bool = False,
     ) -> StoredObject:
         path = self.local_path(key)
         path.parent.mkdir(parents=True, exist_ok=True)

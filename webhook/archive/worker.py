@@ -41,6 +41,7 @@ CONTENT_TYPES = {"mp3": "audio/mpeg", "wav": "audio/wav"}
 MAX_RETRY_DELAY = 6 * 3600.0
 # How often a transcript that came after its audio was archived (or failed) is looked for.
 TRANSCRIPT_CHORE_SECONDS = 5
+CHORES_EVERY_SECONDS = 1.0
 
 # Failures of the media host, the network or the archive: worth another attempt later.
 RETRYABLE = (
@@ -308,6 +309,7 @@ class Worker:
                 reader,
                 CONTENT_TYPES.get(job.file_format or "", "application/octet-stream"),
                 self._retain_until(job),
+                first_attempt=job.attempts == 1,
             )
 
     def _complete_metadata(self, job: Job) -> Job:
@@ -414,9 +416,13 @@ class Worker:
         """
         done = 0
         db_failures = 0
+        chores_due = 0.0
         while not self.stop.is_set():
             try:
-                if not once:
+                # Chores claim their turns in the database: look at most once a second, not
+                # between every two jobs of a backlog.
+                if not once and time.monotonic() >= chores_due:
+                    chores_due = time.monotonic() + CHORES_EVERY_SECONDS
                     self._chores()
                 job = self.claim()
                 db_failures = 0
