@@ -100,10 +100,10 @@ def test_a_failing_transcript_write_neither_fails_nor_delays_the_audio(
     storage = services(app).storage
     real_put = storage.put
 
-    def put(key: str, *args: Any) -> Any:
+    def put(key: str, *args: Any, **kwargs: Any) -> Any:
         if key.endswith(".transcript.json"):
             raise StorageError("archive refused the transcript")
-        return real_put(key, *args)
+        return real_put(key, *args, **kwargs)
 
     monkeypatch.setattr(storage, "put", put)
     transcribe(app, plivo, "rec")
@@ -341,12 +341,12 @@ def test_two_workers_never_write_the_same_transcript_at_once(app, plivo, monkeyp
     storage = services(app).storage
     real_put = storage.put
 
-    def put(key: str, *args: Any) -> Any:
+    def put(key: str, *args: Any, **kwargs: Any) -> Any:
         puts.append(key)
         # While this worker writes, another one looks for due transcripts: it must skip this one.
         if key.endswith(".transcript.json"):
             assert archiving.archive_transcripts(services(app)) == 0
-        return real_put(key, *args)
+        return real_put(key, *args, **kwargs)
 
     monkeypatch.setattr(storage, "put", put)
     Worker(services(app)).run(once=True)

@@ -833,10 +833,10 @@ def test_an_unexpected_error_in_one_job_is_logged_and_retried_and_the_next_job_r
     storage = services(app).storage
     real_put = storage.put
 
-    def put(key: str, *args: Any) -> Any:
+    def put(key: str, *args: Any, **kwargs: Any) -> Any:
         if "rec-bug" in key:
             raise KeyError("a bug nobody foresaw")
-        return real_put(key, *args)
+        return real_put(key, *args, **kwargs)
 
     monkeypatch.setattr(storage, "put", put)
     worker = Worker(services(app))

@@ -92,7 +92,7 @@ def _close_sqlite() -> None:
     # a nonce already logged makes the insert do nothing (as ON CONFLICT DO NOTHING does).
     op.execute(
         "CREATE TRIGGER callback_log_nonce_once BEFORE INSERT ON callback_log "
-        "WHEN EXISTS (SELECT 1 FROM callback_log WHERE nonce = NEW.nonce) "
+        "WHEN EXISTS (SELECT 1 FROM callback_log WHERE nonce = NEW.nonce AND id IS NOT NEW.id) "
         "BEGIN SELECT RAISE(IGNORE); END"
     )
     changed = " OR ".join(f"NEW.{c} IS NOT OLD.{c}" for c in ANONYMOUS_FIXED)

@@ -5,8 +5,9 @@ Revises: 0008
 Create Date: 2026-11-29
 
 Recording notices and deletions from Plivo refuse TRUNCATE on PostgreSQL and INSERT OR REPLACE
-on SQLite, as the other logs do; on SQLite a member event whose key is already logged is not
-replaced by a new row (the insert does nothing, as ON CONFLICT DO NOTHING would).
+on SQLite, as the other logs do; on SQLite a member event whose key is already logged under another
+id is not replaced by a new row (the insert does nothing, as ON CONFLICT DO NOTHING would; the
+same id is refused as the other logs refuse it).
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ def upgrade() -> None:
         )
     op.execute(
         "CREATE TRIGGER member_events_key_once BEFORE INSERT ON member_events "
-        "WHEN EXISTS (SELECT 1 FROM member_events WHERE event_key = NEW.event_key) "
+        "WHEN EXISTS (SELECT 1 FROM member_events WHERE event_key = NEW.event_key "
+        "AND id IS NOT NEW.id) "
         "BEGIN SELECT RAISE(IGNORE); END"
     )
 
