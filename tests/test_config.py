@@ -43,6 +43,7 @@ def test_values_are_normalised() -> None:
             "RECORDING_HOSTS": " Media.Plivo.com , 127.0.0.1,,",
             "OBJECT_LOCK_MODE": "compliance",
             "RETENTION_DAYS": "2557",
+            "ARCHIVE_URL": "s3://archive-bucket",
         },
     )
     assert settings.public_url == "https://archive.example.com"
@@ -79,5 +80,77 @@ def test_a_dyno_with_database_and_archive_starts() -> None:
 
 
 def test_presigned_links_never_outlive_five_minutes() -> None:
-    assert load(INSTANCE, {"PRESIGN_SECONDS": "3600"}).presign_seconds == 300
+    with pytest.raises(ConfigError, match="PRESIGN_SECONDS must be at most 300"):
+        load(INSTANCE, {"PRESIGN_SECONDS": "3600"})
+    assert load(INSTANCE, {"PRESIGN_SECONDS": "300"}).presign_seconds == 300
     assert load(INSTANCE, {"PRESIGN_SECONDS": "60"}).presign_seconds == 60
+
+
+# --- misconfigurations that would lose recordings or refuse every callback ---------------------
+
+PLATFORM = {"DYNO": "web.1", "DATABASE_URL": "postgres://h/d", "ARCHIVE_URL": "s3://b/p"}
+
+
+@pytest.mark.parametrize(
+    ("env", "sentence"),
+    [
+        (
+            {"ARCHIVE_URL": "my-bucket"},
+            "ARCHIVE_URL 'my-bucket' has no scheme; write s3://my-bucket",
+        ),
+        ({"ARCHIVE_URL": "s3://"}, "ARCHIVE_URL 's3://' names no bucket"),
+        ({"ARCHIVE_URL": "s3:/my-bucket"}, "names no bucket"),
+        ({"ARCHIVE_URL": "gs://bucket/p"}, "ARCHIVE_URL must be s3://BUCKET/PREFIX or file:///"),
+        ({"ARCHIVE_URL": "file://relative/dir"}, "is not an absolute folder"),
+        ({**PLATFORM, "ARCHIVE_URL": "file:///app/archive"}, "ARCHIVE_URL is a local folder"),
+        ({**PLATFORM, "DATABASE_URL": "sqlite:////app/x.db"}, "DATABASE_URL is SQLite"),
+        ({"DATABASE_URL": "mysql://u@h/d"}, "DATABASE_URL must be a PostgreSQL"),
+        ({"DATABASE_URL": "db.example.com"}, "DATABASE_URL is not a database URL"),
+        ({"PUBLIC_URL": "archive.example.com"}, "PUBLIC_URL must be an absolute URL"),
+        ({"PUBLIC_URL": "https://"}, "PUBLIC_URL must be an absolute URL"),
+        ({"PUBLIC_URL": "ftp://archive.example.com"}, "PUBLIC_URL must be an absolute URL"),
+        ({"PUBLIC_URL": "https://archive.example.com/?x=1"}, "PUBLIC_URL must be a base URL"),
+        ({"PUBLIC_URL": "https://archive.example.com:port"}, "PUBLIC_URL has a bad port"),
+        ({"PLIVO_API_URL": "api.plivo.com"}, "PLIVO_API_URL must be an absolute URL"),
+        ({"PLIVO_AUTH_ID": "MA123"}, "PLIVO_AUTH_ID is set without PLIVO_AUTH_TOKEN"),
+        ({"RECORDING_HOSTS": "https://media.plivo.com"}, "RECORDING_HOSTS lists host names only"),
+        ({"RECORDING_HOSTS": "media.plivo.com:443"}, "RECORDING_HOSTS lists host names only"),
+        ({"METRICS_TOKEN": "short"}, "METRICS_TOKEN must be at least 16 characters"),
+        (
+            {"OBJECT_LOCK_MODE": "COMPLIANCE", "RETENTION_DAYS": "30"},
+            "OBJECT_LOCK_MODE needs an S3 archive",
+        ),
+        ({"ARCHIVE_KMS_KEY_ID": "alias/archive"}, "ARCHIVE_KMS_KEY_ID needs an S3 archive"),
+        ({"PRESIGN_SECONDS": "0"}, "PRESIGN_SECONDS must be at least 1"),
+        ({"MAX_CALLBACK_BYTES": "1k"}, "MAX_CALLBACK_BYTES must be a whole number"),
+        ({"NONCE_TTL_SECONDS": "5"}, "NONCE_TTL_SECONDS must be at least 60"),
+        ({"RECONCILE_INTERVAL_SECONDS": "-1"}, "RECONCILE_INTERVAL_SECONDS must be at least 0"),
+    ],
+)
+def test_each_misconfiguration_is_refused_with_a_sentence_naming_it(
+    env: dict[str, str], sentence: str
+) -> None:
+    with pytest.raises(ConfigError) as refused:
+        load(INSTANCE, env)
+    assert sentence in str(refused.value)
+    assert "\n" not in str(refused.value)
+
+
+def test_well_formed_settings_are_accepted() -> None:
+    settings = load(
+        INSTANCE,
+        {
+            **PLATFORM,
+            "ARCHIVE_URL": "s3://archive-bucket/prod",
+            "PUBLIC_URL": "https://archive.example.com/base/",
+            "RECORDING_HOSTS": "media.plivo.com,*.example.com,::1,127.0.0.1",
+            "METRICS_TOKEN": "x" * 16,
+            "ARCHIVE_KMS_KEY_ID": "alias/archive",
+            "PLIVO_AUTH_ID": "MA1",
+            "PLIVO_AUTH_TOKEN": "t",
+        },
+    )
+    assert settings.public_url == "https://archive.example.com/base"
+    assert settings.metrics_token == "x" * 16
+    assert settings.archive_kms_key_id == "alias/archive"
+    assert load(INSTANCE, {"ARCHIVE_URL": "file:///srv/archive"}).archive_url.startswith("file:")

@@ -440,11 +440,13 @@ def test_worker_sigkilled_mid_upload_is_taken_over_after_its_lease_and_archived_
     # caught with part 1 in S3 and part 2 still downloading.
     media.plans["killed-upload"] = [Plan(fast=PART + MiB, rate=64 * 1024)]
     queue(web(), plivo, "killed-upload", audio, media.url("killed-upload"))
-    key = rows.recording("killed-upload").archive_key
-    assert key is not None
     worker_env = env(f"s3://{bucket}/a")
 
     first = processes.worker("worker-1", worker_env)
+    # The worker that claims the recording names its key, under its own ARCHIVE_URL's prefix.
+    wait_for(lambda: rows.recording("killed-upload").archive_key is not None, 30, "a key")
+    key = str(rows.recording("killed-upload").archive_key)
+    assert key.startswith("a/recordings/")
     wait_for(lambda: uploaded_parts(s3, bucket, key) >= 1, 60, "a part uploaded")
     kill(first)
     assert first.popen.wait(timeout=10) == -signal.SIGKILL

@@ -9,7 +9,8 @@ from sqlalchemy import Table, insert
 from sqlalchemy.exc import DBAPIError
 
 from webhook import services
-from webhook.errors import error_response
+from webhook.db import is_schema_missing
+from webhook.errors import error_response, not_migrated_response
 from webhook.models import AuditEvent, AuditRecording, utcnow
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,8 @@ def write_audit(response: Response) -> Response:
     except DBAPIError as exc:
         log.error("audit log unavailable: %s", exc.orig, extra={"request_id": g.get("request_id")})
         response.close()
+        if is_schema_missing(exc):
+            return not_migrated_response()
         return error_response(
             503, "audit_unavailable", "The access could not be written to the audit log"
         )

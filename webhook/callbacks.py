@@ -8,7 +8,6 @@ from flask import Blueprint, Response, current_app, g, jsonify, request
 from sqlalchemy import Table, insert
 
 from webhook import services
-from webhook.config import archive_prefix
 from webhook.db import request_session
 from webhook.errors import APIError
 from webhook.models import CallbackLog, SeenNonce, utcnow
@@ -31,10 +30,16 @@ KEPT_HEADERS = (
 )
 
 
-def _refuse(code: str, message: str) -> APIError:
+def _refuse(code: str, message: str, checked_url: str | None = None) -> APIError:
     log.warning(
         "callback refused",
-        extra={"reason": code, "remote_addr": request.remote_addr, "request_id": g.request_id},
+        extra={
+            "reason": code,
+            "remote_addr": request.remote_addr,
+            "request_id": g.request_id,
+            # The URL the signature was computed over: a wrong PUBLIC_URL shows here at once.
+            "checked_url": checked_url,
+        },
     )
     return APIError(403, code, message)
 
@@ -73,7 +78,7 @@ def verify_signature() -> tuple[str, str]:
             and signature_matches(signed[header], token, request.method, url, params, nonce)
         ):
             return verdict, nonce
-    raise _refuse("bad_signature", "The callback's signature does not match")
+    raise _refuse("bad_signature", "The callback's signature does not match", url)
 
 
 @bp.route("/plivo/recording", methods=["POST", "GET"])
@@ -88,13 +93,12 @@ def recording_callback() -> Response:
     report = parse_report(request.values.to_dict())
     g.recording_id = report.recording_id
 
-    settings = services(current_app).settings
     session = request_session()
     now = utcnow()
     if not insert_ignoring_conflict(session, SeenNonce, {"nonce": nonce, "seen_at": now}):
         session.rollback()
         raise _refuse("replayed_nonce", "This signature nonce was used before")
-    is_new = record_report(session, report, archive_prefix(settings.archive_url), now=now)
+    is_new = record_report(session, report, now=now)
     session.execute(
         insert(CALLBACK_LOG).values(
             received_at=now,

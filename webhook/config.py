@@ -9,6 +9,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
 PLIVO_MEDIA_HOSTS = ("media.plivo.com",)
 DEFAULT_RECORDING_HOSTS = (*PLIVO_MEDIA_HOSTS, "s3.amazonaws.com")
 OBJECT_LOCK_MODES = ("GOVERNANCE", "COMPLIANCE")
@@ -35,7 +38,13 @@ def normalise_database_url(url: str) -> str:
     return url
 
 
-def _int(env: Mapping[str, str], name: str, default: int | None, minimum: int = 0) -> int | None:
+def _int(
+    env: Mapping[str, str],
+    name: str,
+    default: int | None,
+    minimum: int = 0,
+    maximum: int | None = None,
+) -> int | None:
     raw = env.get(name, "").strip()
     if not raw:
         return default
@@ -45,11 +54,94 @@ def _int(env: Mapping[str, str], name: str, default: int | None, minimum: int = 
         raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
     if value < minimum:
         raise ConfigError(f"{name} must be at least {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{name} must be at most {maximum}, got {value}")
     return value
 
 
 def _hosts(raw: str) -> tuple[str, ...]:
     return tuple(h.strip().lower() for h in raw.split(",") if h.strip())
+
+
+def _check_archive_url(url: str, on_dyno: bool) -> None:
+    """Refuse an ARCHIVE_URL that would put recordings anywhere but where the operator meant."""
+    parts = urlsplit(url)
+    if parts.scheme == "s3":
+        if not parts.netloc:
+            raise ConfigError(f"ARCHIVE_URL {url!r} names no bucket; write s3://BUCKET/PREFIX")
+        if parts.query or parts.fragment:
+            raise ConfigError("ARCHIVE_URL must be s3://BUCKET/PREFIX, without ? or #")
+        return
+    if parts.scheme == "file":
+        if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
+            raise ConfigError(
+                f"ARCHIVE_URL {url!r} is not an absolute folder; write file:///absolute/path"
+            )
+        if on_dyno:
+            raise ConfigError(
+                "ARCHIVE_URL is a local folder, which a platform dyno loses on restart; "
+                "set it to s3://BUCKET/PREFIX"
+            )
+        return
+    if not parts.scheme:
+        raise ConfigError(
+            f"ARCHIVE_URL {url!r} has no scheme; write s3://{url.strip('/')} for a bucket "
+            f"or file:///absolute/path for a folder"
+        )
+    raise ConfigError(
+        f"ARCHIVE_URL must be s3://BUCKET/PREFIX or file:///absolute/path, not {parts.scheme}:"
+    )
+
+
+def _check_database_url(url: str, on_dyno: bool) -> None:
+    try:
+        backend = make_url(url).get_backend_name()
+    except ArgumentError:
+        raise ConfigError(
+            "DATABASE_URL is not a database URL; write postgres://USER:PASSWORD@HOST/NAME"
+        ) from None
+    if backend not in ("postgresql", "sqlite"):
+        raise ConfigError(
+            f"DATABASE_URL must be a PostgreSQL (postgres://) or SQLite URL, not {backend}"
+        )
+    if backend == "sqlite" and on_dyno:
+        raise ConfigError(
+            "DATABASE_URL is SQLite, which a platform dyno loses on restart and does not share "
+            "between web and worker; attach PostgreSQL (postgres://...)"
+        )
+
+
+def _http_url(env: Mapping[str, str], name: str, default: str | None) -> str | None:
+    """An absolute http(s) base URL with a host, without a trailing slash, query or fragment."""
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    parts = urlsplit(raw)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(
+            f"{name} must be an absolute URL such as https://archive.example.com, got {raw!r}"
+        )
+    if parts.query or parts.fragment:
+        raise ConfigError(f"{name} must be a base URL without ? or #, got {raw!r}")
+    try:
+        parts.port  # noqa: B018 - parsing the port is the check
+    except ValueError:
+        raise ConfigError(f"{name} has a bad port: {raw!r}") from None
+    return raw.rstrip("/")
+
+
+def _check_hosts(hosts: tuple[str, ...]) -> None:
+    for host in hosts:
+        bare = host.removeprefix("*.")
+        # One colon is host:port; an IPv6 address (::1) has several.
+        if "/" in bare or "*" in bare or " " in bare or bare.count(":") == 1:
+            raise ConfigError(
+                f"RECORDING_HOSTS lists host names only (media.plivo.com, *.example.com), "
+                f"not {host!r}"
+            )
+
+
+MIN_METRICS_TOKEN = 16
 
 
 @dataclass(frozen=True)
@@ -74,6 +166,8 @@ class Settings:
     reconcile_interval_seconds: int
     max_callback_bytes: int
     presign_seconds: int
+    metrics_token: str | None
+    archive_kms_key_id: str | None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], instance_path: str) -> Settings:
@@ -84,23 +178,45 @@ class Settings:
         retention = _int(env, "RETENTION_DAYS", None, minimum=1)
         if (retention is None) != (lock_mode is None):
             raise ConfigError("RETENTION_DAYS and OBJECT_LOCK_MODE are set together or not at all")
-        if env.get("DYNO") and not (env.get("DATABASE_URL") and env.get("ARCHIVE_URL")):
+        on_dyno = bool(env.get("DYNO"))
+        if on_dyno and not (env.get("DATABASE_URL") and env.get("ARCHIVE_URL")):
             # On Heroku the instance folder is per-dyno and wiped on restart: web and worker
             # would each keep their own database and archive, and lose both.
             raise ConfigError("DATABASE_URL and ARCHIVE_URL must be set on a platform dyno")
         default_db = "sqlite:///" + str(Path(instance_path) / "webhook.sqlite3")
         default_archive = "file://" + str(Path(instance_path) / "archive")
-        public_url = env.get("PUBLIC_URL", "").strip().rstrip("/") or None
+        database_url = normalise_database_url(env.get("DATABASE_URL", "").strip() or default_db)
+        _check_database_url(database_url, on_dyno)
+        archive_url = env.get("ARCHIVE_URL", "").strip() or default_archive
+        _check_archive_url(archive_url, on_dyno)
+        if lock_mode and not archive_url.startswith("s3:"):
+            raise ConfigError("OBJECT_LOCK_MODE needs an S3 archive; set ARCHIVE_URL=s3://...")
+        recording_hosts = _hosts(hosts_raw)
+        _check_hosts(recording_hosts)
+        auth_id = env.get("PLIVO_AUTH_ID", "").strip() or None
+        auth_token = env.get("PLIVO_AUTH_TOKEN", "").strip() or None
+        if auth_id and not auth_token:
+            raise ConfigError("PLIVO_AUTH_ID is set without PLIVO_AUTH_TOKEN; set both")
+        metrics_token = env.get("METRICS_TOKEN", "").strip() or None
+        if metrics_token is not None and len(metrics_token) < MIN_METRICS_TOKEN:
+            raise ConfigError(
+                f"METRICS_TOKEN must be at least {MIN_METRICS_TOKEN} characters "
+                "(for example: python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+            )
+        kms_key_id = env.get("ARCHIVE_KMS_KEY_ID", "").strip() or None
+        if kms_key_id and not archive_url.startswith("s3:"):
+            raise ConfigError("ARCHIVE_KMS_KEY_ID needs an S3 archive; set ARCHIVE_URL=s3://...")
         return cls(
-            database_url=normalise_database_url(env.get("DATABASE_URL") or default_db),
-            archive_url=env.get("ARCHIVE_URL") or default_archive,
-            plivo_auth_id=env.get("PLIVO_AUTH_ID") or None,
-            plivo_auth_token=env.get("PLIVO_AUTH_TOKEN") or None,
-            plivo_main_auth_token=env.get("PLIVO_MAIN_AUTH_TOKEN") or None,
-            plivo_api_url=(env.get("PLIVO_API_URL") or "https://api.plivo.com").rstrip("/"),
-            public_url=public_url,
-            recording_hosts=_hosts(hosts_raw) or DEFAULT_RECORDING_HOSTS,
-            recording_hosts_listed=bool(_hosts(hosts_raw)),
+            database_url=database_url,
+            archive_url=archive_url,
+            plivo_auth_id=auth_id,
+            plivo_auth_token=auth_token,
+            plivo_main_auth_token=env.get("PLIVO_MAIN_AUTH_TOKEN", "").strip() or None,
+            plivo_api_url=_http_url(env, "PLIVO_API_URL", "https://api.plivo.com")
+            or "https://api.plivo.com",
+            public_url=_http_url(env, "PUBLIC_URL", None),
+            recording_hosts=recording_hosts or DEFAULT_RECORDING_HOSTS,
+            recording_hosts_listed=bool(recording_hosts),
             retention_days=retention,
             object_lock_mode=lock_mode,
             archive_lease_seconds=_int(env, "ARCHIVE_LEASE_SECONDS", 600, minimum=5) or 600,
@@ -109,7 +225,9 @@ class Settings:
             nonce_ttl_seconds=_int(env, "NONCE_TTL_SECONDS", 86400, minimum=60) or 86400,
             reconcile_interval_seconds=_int(env, "RECONCILE_INTERVAL_SECONDS", 3600) or 0,
             max_callback_bytes=_int(env, "MAX_CALLBACK_BYTES", 64 * 1024, minimum=1024) or 65536,
-            presign_seconds=min(_int(env, "PRESIGN_SECONDS", 60, minimum=1) or 60, 300),
+            presign_seconds=_int(env, "PRESIGN_SECONDS", 60, minimum=1, maximum=300) or 60,
+            metrics_token=metrics_token,
+            archive_kms_key_id=kms_key_id,
         )
 
     def replace(self, **changes: Any) -> Settings:

@@ -11,6 +11,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -107,6 +108,7 @@ class Recording(Base):
     started_by: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+    archive_seconds: Mapped[float | None] = mapped_column(Float)
 
     participants: Mapped[list[Participant]] = relationship(
         back_populates="recording", order_by="Participant.id", cascade="all, delete-orphan"
@@ -220,11 +222,22 @@ class Staff(Base):
     __tablename__ = "staff"
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
-    name: Mapped[str] = mapped_column(String(64), unique=True)
+    name: Mapped[str] = mapped_column(String(64))
     role: Mapped[str] = mapped_column(String(16))
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     revoked_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+
+    __table_args__ = (
+        # A name belongs to one active member; once revoked it may be given again.
+        Index(
+            "uq_staff_active_name",
+            "name",
+            unique=True,
+            postgresql_where=text("revoked_at IS NULL"),
+            sqlite_where=text("revoked_at IS NULL"),
+        ),
+    )
 
 
 class AuditEvent(Base):
@@ -261,3 +274,13 @@ class AuditRecording(Base):
     recording_id: Mapped[str] = mapped_column(String(64), primary_key=True)
 
     __table_args__ = (Index("ix_audit_recordings_recording_id", "recording_id"),)
+
+
+class CallbackRefusal(Base):
+    """How many callbacks were refused, per reason and minute (refusals store nothing else)."""
+
+    __tablename__ = "callback_refusals"
+
+    minute: Mapped[dt.datetime] = mapped_column(UTCDateTime, primary_key=True)
+    reason: Mapped[str] = mapped_column(String(64), primary_key=True)
+    count: Mapped[int] = mapped_column(Integer)

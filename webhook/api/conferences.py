@@ -10,7 +10,6 @@ from flask import Blueprint, Response, current_app, g, jsonify, request
 from webhook import services
 from webhook.audit import note_recordings
 from webhook.auth import require
-from webhook.config import archive_prefix
 from webhook.db import request_session
 from webhook.errors import APIError, BadParameter, PlivoError
 from webhook.models import Role
@@ -77,7 +76,6 @@ def start_recording(name: str) -> tuple[Response, int]:
         record_url=started.get("url"),
         members=list(conference.get("members") or []),
         started_by=g.staff_name,
-        key_prefix=archive_prefix(svc.settings.archive_url),
     )
     session.commit()
     note_recordings(recording.recording_id)

@@ -8,7 +8,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from webhook.config import archive_prefix
 from webhook.db import transaction
 from webhook.errors import BadParameter
 from webhook.recordings import parse_report, record_report
@@ -64,7 +63,6 @@ def reconcile(
     if since is not None:
         filters["add_time__gte"] = since.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
     result = Reconciled()
-    prefix = archive_prefix(svc.settings.archive_url)
     for details in svc.plivo.iter_recordings(**filters):
         result.seen += 1
         progress()
@@ -78,5 +76,5 @@ def reconcile(
             warn(f"skipped {details.get('recording_id')}: {exc.message}")
             continue
         with transaction(svc.sessions) as session:
-            result.queued += record_report(session, report, prefix)
+            result.queued += record_report(session, report)
     return result

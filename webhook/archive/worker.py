@@ -22,10 +22,11 @@ from sqlalchemy.exc import DBAPIError
 from webhook.archive.media import MediaError, RefusedURL, open_media
 from webhook.archive.reconcile import reconcile
 from webhook.archive.storage import HashingReader, Interrupted, StorageError, StoredObject
+from webhook.config import archive_prefix
 from webhook.db import rowcount, transaction
 from webhook.errors import PlivoError
 from webhook.models import Recording, Schedule, SeenNonce, Status, utcnow
-from webhook.recordings import insert_ignoring_conflict
+from webhook.recordings import archive_key, insert_ignoring_conflict
 
 if TYPE_CHECKING:
     from webhook import Services
@@ -159,13 +160,26 @@ class Worker:
                     Recording.duration_ms,
                 )
             ).one_or_none()
-        if row is None:
-            return None
+            if row is None:
+                return None
+            key = row.archive_key
+            if key is None:
+                # The worker that writes the object names it, from its own ARCHIVE_URL, once:
+                # later attempts (and rows keyed before this rule) keep the key on the row.
+                key = archive_key(
+                    archive_prefix(self.settings.archive_url),
+                    row.recording_id,
+                    row.start_ms,
+                    row.file_format or "mp3",
+                )
+                session.execute(
+                    update(Recording).where(Recording.id == row.id).values(archive_key=key)
+                )
         return Job(
             id=row.id,
             recording_id=row.recording_id,
             record_url=row.record_url,
-            archive_key=row.archive_key,
+            archive_key=key,
             file_format=row.file_format,
             lease_token=token,
             attempts=row.attempts,
