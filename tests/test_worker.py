@@ -926,3 +926,22 @@ def test_of_several_workers_exactly_one_takes_each_turn_of_a_chore(make_app: App
     assert [w._turn_is_ours("test-chore", 3600) for w in workers] == [True, False, False, False]
     assert not workers[0]._turn_is_ours("test-chore", 3600)
     assert workers[1]._turn_is_ours("other-chore", 3600)
+
+
+def test_with_archive_kms_key_id_every_object_is_sse_kms_under_that_key(
+    make_app, plivo, s3, bucket, s3_endpoint
+) -> None:
+    import boto3
+
+    kms = boto3.client("kms", endpoint_url=s3_endpoint)
+    key = kms.create_key(Description="customer archive key")["KeyMetadata"]
+    app = make_app(f"s3://{bucket}/kms", ARCHIVE_KMS_KEY_ID=key["KeyId"])
+    for name in ("rec-kms-1", "rec-kms-2"):
+        queue(app, plivo, name, os.urandom(5000))
+
+    assert Worker(services(app)).run(once=True) == 2
+
+    for name in ("rec-kms-1", "rec-kms-2"):
+        head = s3.head_object(Bucket=bucket, Key=str(row(app, name).archive_key))
+        assert head["ServerSideEncryption"] == "aws:kms"
+        assert head["SSEKMSKeyId"] in (key["Arn"], key["KeyId"])

@@ -22,6 +22,7 @@ from webhook.archive.reconcile import reconcile
 from webhook.archive.storage import ObjectLockMissing, StorageError
 from webhook.archive.worker import Worker
 from webhook.auth import add_staff, revoke_staff, rotate_staff
+from webhook.check import effective_settings, run_checks
 from webhook.config import ConfigError
 from webhook.db import (
     NOT_MIGRATED,
@@ -170,6 +171,22 @@ def staff_revoke(name: str) -> None:
         if not revoke_staff(session, name):
             raise click.ClickException(f"no active staff named {name!r}")
     click.echo(f"revoked {name}")
+
+
+@cli.command("check")
+def check_command() -> None:
+    """Print the effective configuration (secrets masked) and check each dependency."""
+    svc = services(current_app)
+    for name, value in effective_settings(svc.settings):
+        click.echo(f"{name}={value}")
+    click.echo("")
+    failed = 0
+    for outcome in run_checks(svc):
+        failed += not outcome.ok
+        click.echo(f"{'ok  ' if outcome.ok else 'FAIL'} {outcome.name}: {outcome.detail}")
+    if failed:
+        click.echo(f"{failed} check(s) failed", err=True)
+        sys.exit(1)
 
 
 @cli.command("requeue")

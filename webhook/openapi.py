@@ -213,7 +213,17 @@ SCHEMAS: dict[str, Any] = {
         "type": "object",
         "properties": {
             "status": {"type": "string", "enum": ["ok", "unavailable"]},
-            "checks": {"type": "object", "additionalProperties": STRING},
+            "checks": {
+                "type": "object",
+                "properties": {
+                    "database": {"type": "string", "enum": ["ok", "unavailable", "not_migrated"]},
+                    "archive": {
+                        "type": "string",
+                        "enum": ["ok", "unavailable", "object_lock_missing"],
+                    },
+                    "callbacks": {"type": "string", "enum": ["ok", "not_configured"]},
+                },
+            },
         },
     },
 }
@@ -446,7 +456,8 @@ def openapi_document() -> dict[str, Any]:
             "/healthz": {
                 "get": {
                     "tags": ["meta"],
-                    "summary": "Whether the database and the archive answer",
+                    "summary": "Whether the database (migrated to head) and the archive answer "
+                    "and callbacks are configured",
                     "security": [],
                     "responses": {
                         "200": _json("Healthy", _ref("Health")),
