@@ -465,6 +465,25 @@ def openapi_document() -> dict[str, Any]:
                     },
                 }
             },
+            "/metrics": {
+                "get": {
+                    "tags": ["meta"],
+                    "summary": "Prometheus metrics (recordings by state, archive lag, attempts, "
+                    "callbacks by outcome and reason, archive duration and bytes)",
+                    "description": "Needs `Authorization: Bearer $METRICS_TOKEN`; 404 when "
+                    "METRICS_TOKEN is not set.",
+                    "security": [],
+                    "responses": {
+                        "200": {
+                            "description": "Prometheus text exposition format",
+                            "content": {"text/plain": {"schema": {"type": "string"}}},
+                        },
+                        "401": _error("No METRICS_TOKEN bearer token"),
+                        "404": _error("Metrics are off (no METRICS_TOKEN)"),
+                        "503": _error("The database is unavailable"),
+                    },
+                }
+            },
             "/openapi.json": {
                 "get": {
                     "tags": ["meta"],

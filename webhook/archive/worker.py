@@ -272,6 +272,7 @@ class Worker:
             retain_until=self._retain_until(job),
             last_error=None,
             next_attempt_at=None,
+            archive_seconds=round(time.perf_counter() - started, 3),
         )
         log.info(
             "archived" if marked else "archived, but the lease had passed to another worker",
