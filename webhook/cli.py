@@ -7,10 +7,12 @@ import os
 import signal
 import sys
 import threading
+import time
 from importlib.metadata import version
 from typing import Any, NoReturn
 
 import click
+import requests
 from flask import current_app
 from flask.cli import AppGroup, FlaskGroup
 from sqlalchemy import select
@@ -36,6 +38,7 @@ from webhook.errors import APIError, BadParameter, PlivoError
 from webhook.models import Recording, Role, Staff, Status
 from webhook.recordings import requeue
 from webhook.search import parse_time
+from webhook.testcall import send_test_callback
 
 cli = FlaskGroup(
     create_app=create_app, help="Plivo conference recording archive.", add_version_option=False
@@ -187,6 +190,58 @@ def check_command() -> None:
     if failed:
         click.echo(f"{failed} check(s) failed", err=True)
         sys.exit(1)
+
+
+@cli.command("send-test-callback")
+@click.option(
+    "--wait",
+    default=0,
+    show_default=True,
+    help="Seconds to wait for the worker to archive it (0: do not wait).",
+)
+def send_test_callback_command(wait: int) -> None:
+    """Send a correctly signed test recording callback to the running service at PUBLIC_URL."""
+    svc = services(current_app)
+    settings = svc.settings
+    if not (settings.public_url and settings.plivo_auth_token):
+        raise click.ClickException("PUBLIC_URL and PLIVO_AUTH_TOKEN must be set (`webhook check`)")
+    try:
+        sent = send_test_callback(settings)
+    except requests.RequestException as exc:
+        raise click.ClickException(
+            f"{settings.public_url} cannot be reached ({type(exc).__name__}); is `web` running "
+            "there, and is PUBLIC_URL its public address?"
+        ) from None
+    click.echo(f"POST {sent.url} -> {sent.status} {sent.body.strip()}")
+    if sent.status == 403:
+        raise click.ClickException(
+            "the service refused the signature: PLIVO_AUTH_TOKEN or PUBLIC_URL differ between "
+            "here and the running service (its log line `callback refused` shows checked_url)"
+        )
+    if sent.status != 200:
+        raise click.ClickException(f"the service answered {sent.status}, not 200")
+    click.echo(f"recording {sent.recording_id} accepted and queued")
+    if wait <= 0:
+        return
+    deadline = time.monotonic() + wait
+    while True:
+        with transaction(svc.sessions) as session:
+            recording = session.scalars(
+                select(Recording).where(Recording.recording_id == sent.recording_id)
+            ).one_or_none()
+        state = recording.status if recording else "missing"
+        if recording is not None and recording.status == Status.ARCHIVED:
+            click.echo(
+                f"archived as {recording.archive_key} ({recording.archive_size} bytes, "
+                f"sha256 {recording.archive_sha256})"
+            )
+            return
+        if state == Status.FAILED or time.monotonic() > deadline:
+            error = recording.last_error if recording else "no such recording in DATABASE_URL"
+            raise click.ClickException(
+                f"not archived: {state} ({error}); is `webhook worker` running?"
+            )
+        time.sleep(0.5)
 
 
 @cli.command("requeue")

@@ -6,7 +6,9 @@ from flask import Blueprint, Response, current_app, jsonify
 
 from webhook import services
 from webhook.check import archive_state, callbacks_state, database_state
+from webhook.errors import APIError
 from webhook.openapi import openapi_document
+from webhook.testcall import TEST_AUDIO_NAME, silence_wav
 
 bp = Blueprint("meta", __name__)
 
@@ -26,6 +28,14 @@ def healthz() -> tuple[Response, int]:
     return jsonify(
         status="ok" if healthy else "unavailable", checks=checks
     ), 200 if healthy else 503
+
+
+@bp.get("/test-audio/<recording_id>.wav")
+def test_audio_file(recording_id: str) -> Response:
+    """The audio of `webhook send-test-callback`'s recordings: a second of silence."""
+    if not TEST_AUDIO_NAME.match(f"{recording_id}.wav"):
+        raise APIError(404, "not_found", "Only test recordings (test-...) have audio here")
+    return Response(silence_wav(), mimetype="audio/wav")
 
 
 @bp.get("/openapi.json")

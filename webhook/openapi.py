@@ -484,6 +484,29 @@ def openapi_document() -> dict[str, Any]:
                     },
                 }
             },
+            "/test-audio/{recording_id}.wav": {
+                "get": {
+                    "tags": ["meta"],
+                    "summary": "The audio of `webhook send-test-callback`'s test recordings "
+                    "(one second of silence)",
+                    "security": [],
+                    "parameters": [
+                        {
+                            "name": "recording_id",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "string", "maxLength": 64},
+                        }
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": "A WAV file",
+                            "content": {"audio/wav": {"schema": {"type": "string"}}},
+                        },
+                        "404": _error("Not a test recording's name"),
+                    },
+                }
+            },
             "/openapi.json": {
                 "get": {
                     "tags": ["meta"],
