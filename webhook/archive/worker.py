@@ -23,7 +23,7 @@ from webhook.archive.media import MediaError, RefusedURL, open_media
 from webhook.archive.reconcile import reconcile
 from webhook.archive.storage import HashingReader, Interrupted, StorageError, StoredObject
 from webhook.config import archive_prefix
-from webhook.db import rowcount, transaction
+from webhook.db import NOT_MIGRATED, UPGRADE_HINT, is_schema_missing, rowcount, transaction
 from webhook.errors import PlivoError
 from webhook.models import Recording, Schedule, SeenNonce, Status, utcnow
 from webhook.recordings import archive_key, insert_ignoring_conflict
@@ -400,7 +400,11 @@ class Worker:
                 db_failures = 0
             except DBAPIError as exc:
                 db_failures += 1
-                log.warning("database unavailable: %s", exc.orig)
+                if is_schema_missing(exc):
+                    # Retried too: the release phase may be migrating right now.
+                    log.error("%s (%s); %s", NOT_MIGRATED, exc.orig, UPGRADE_HINT)
+                else:
+                    log.warning("database unavailable: %s", exc.orig)
                 if once and db_failures >= 5:
                     raise
                 self.stop.wait(min(2.0**db_failures, 30.0))
