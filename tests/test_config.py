@@ -74,9 +74,9 @@ def test_unusable_settings_are_refused_naming_the_variable(env: dict[str, str], 
 
 def test_a_dyno_with_database_and_archive_starts() -> None:
     settings = load(
-        INSTANCE, {"DYNO": "web.1", "DATABASE_URL": "postgres://h/d", "ARCHIVE_URL": "s3://b/p"}
+        INSTANCE, {"DYNO": "web.1", "DATABASE_URL": "postgres://h/d", "ARCHIVE_URL": "s3://archive-b/p"}
     )
-    assert settings.archive_url == "s3://b/p"
+    assert settings.archive_url == "s3://archive-b/p"
 
 
 def test_presigned_links_never_outlive_five_minutes() -> None:
@@ -88,7 +88,7 @@ def test_presigned_links_never_outlive_five_minutes() -> None:
 
 # --- misconfigurations that would lose recordings or refuse every callback ---------------------
 
-PLATFORM = {"DYNO": "web.1", "DATABASE_URL": "postgres://h/d", "ARCHIVE_URL": "s3://b/p"}
+PLATFORM = {"DYNO": "web.1", "DATABASE_URL": "postgres://h/d", "ARCHIVE_URL": "s3://archive-b/p"}
 
 
 @pytest.mark.parametrize(
@@ -101,6 +101,8 @@ PLATFORM = {"DYNO": "web.1", "DATABASE_URL": "postgres://h/d", "ARCHIVE_URL": "s
         ({"ARCHIVE_URL": "s3://"}, "ARCHIVE_URL 's3://' names no bucket"),
         ({"ARCHIVE_URL": "s3:/my-bucket"}, "names no bucket"),
         ({"ARCHIVE_URL": "gs://bucket/p"}, "ARCHIVE_URL must be s3://BUCKET/PREFIX or file:///"),
+        ({"ARCHIVE_URL": "s3://My_Bucket/p"}, "not an S3 bucket name"),
+        ({"ARCHIVE_URL": "file://localhost/srv/archive"}, "is not an absolute folder"),
         ({"ARCHIVE_URL": "file://relative/dir"}, "is not an absolute folder"),
         ({**PLATFORM, "ARCHIVE_URL": "file:///app/archive"}, "ARCHIVE_URL is a local folder"),
         ({**PLATFORM, "DATABASE_URL": "sqlite:////app/x.db"}, "DATABASE_URL is SQLite"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -15,6 +16,7 @@ from sqlalchemy.exc import ArgumentError
 PLIVO_MEDIA_HOSTS = ("media.plivo.com",)
 DEFAULT_RECORDING_HOSTS = (*PLIVO_MEDIA_HOSTS, "s3.amazonaws.com")
 OBJECT_LOCK_MODES = ("GOVERNANCE", "COMPLIANCE")
+S3_BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 
 
 class ConfigError(ValueError):
@@ -71,9 +73,14 @@ def _check_archive_url(url: str, on_dyno: bool) -> None:
             raise ConfigError(f"ARCHIVE_URL {url!r} names no bucket; write s3://BUCKET/PREFIX")
         if parts.query or parts.fragment:
             raise ConfigError("ARCHIVE_URL must be s3://BUCKET/PREFIX, without ? or #")
+        if not S3_BUCKET_NAME.match(parts.netloc):
+            raise ConfigError(
+                f"ARCHIVE_URL names bucket {parts.netloc!r}, which is not an S3 bucket name "
+                "(3 to 63 lowercase letters, digits, dots and hyphens)"
+            )
         return
     if parts.scheme == "file":
-        if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
+        if parts.netloc or not parts.path.startswith("/"):
             raise ConfigError(
                 f"ARCHIVE_URL {url!r} is not an absolute folder; write file:///absolute/path"
             )
