@@ -74,7 +74,8 @@ def test_unusable_settings_are_refused_naming_the_variable(env: dict[str, str], 
 
 def test_a_dyno_with_database_and_archive_starts() -> None:
     settings = load(
-        INSTANCE, {"DYNO": "web.1", "DATABASE_URL": "postgres://h/d", "ARCHIVE_URL": "s3://archive-b/p"}
+        INSTANCE,
+        {"DYNO": "web.1", "DATABASE_URL": "postgres://h/d", "ARCHIVE_URL": "s3://archive-b/p"},
     )
     assert settings.archive_url == "s3://archive-b/p"
 
