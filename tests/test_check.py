@@ -52,6 +52,7 @@ def test_everything_configured_passes_and_secrets_are_masked(
     assert "PLIVO_AUTH_TOKEN=(set, hidden)" in result.output
     assert "METRICS_TOKEN=(set, hidden)" in result.output
     assert plivo.auth_token not in result.output and "m" * 32 not in result.output
+    assert "RECORDING_HOSTS_LISTED" not in result.output  # not a variable
     # The probe object is gone again.
     assert s3.list_objects_v2(Bucket=bucket).get("KeyCount") == 0
 
@@ -157,3 +158,11 @@ def test_healthz_is_503_when_migrations_are_behind(make_app: AppFactory, tmp_pat
     behind = make_app(database=url).test_client().get("/healthz")
     assert behind.status_code == 503
     assert behind.json["checks"]["database"] == "not_migrated"
+
+
+def test_the_local_archive_probe_leaves_nothing_behind(
+    make_app: AppFactory, tmp_path: Path
+) -> None:
+    result = check(make_app(f"file://{tmp_path}/local-archive"))
+    assert outcomes(result)["archive"].startswith("ok")
+    assert list((tmp_path / "local-archive").iterdir()) == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import uuid
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
     from webhook import Services
 
 SECRET_SETTINGS = ("plivo_auth_token", "plivo_main_auth_token", "metrics_token")
+DERIVED_SETTINGS = ("recording_hosts_listed",)  # follows from RECORDING_HOSTS, not a variable
 PROBE_BYTES = b"webhook check\n"
 
 
@@ -36,6 +38,8 @@ class Outcome:
 def effective_settings(settings: Settings) -> Iterator[tuple[str, str]]:
     """Every setting as the service uses it, secrets masked (passwords, tokens)."""
     for field in fields(settings):
+        if field.name in DERIVED_SETTINGS:
+            continue
         value = getattr(settings, field.name)
         if field.name in SECRET_SETTINGS:
             shown = "(not set)" if value is None else "(set, hidden)"
@@ -186,6 +190,8 @@ def _remove_probe(svc: Services, key: str) -> None:
     path = storage.local_path(key)
     if path is not None:
         path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # left in place if anything else is in it
+            path.parent.rmdir()
         return
     from webhook.archive.s3 import S3Storage
 
