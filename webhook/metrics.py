@@ -10,12 +10,9 @@ import datetime as dt
 import hmac
 import logging
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from flask import Blueprint, Flask, Response, current_app, request
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
-from prometheus_client.registry import Collector
 from sqlalchemy import Table, case, func, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -27,6 +24,7 @@ from webhook.models import CallbackLog, CallbackRefusal, Recording, Status, utcn
 
 if TYPE_CHECKING:
     from prometheus_client import Metric
+    from prometheus_client.registry import Collector
     from sqlalchemy import Engine
 
 bp = Blueprint("metrics", __name__)
@@ -48,18 +46,24 @@ def metrics() -> Response:
         given.strip().encode("utf-8", "replace"), token.encode("utf-8")
     ):
         raise APIError(401, "unauthorized", "An Authorization: Bearer $METRICS_TOKEN is required")
+    # Imported here: only scrapes need it, and it would slow every process's start.
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(DatabaseCollector(services(current_app).engine))
+    registry.register(cast("Collector", DatabaseCollector(services(current_app).engine)))
     return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)
 
 
-class DatabaseCollector(Collector):
-    """Recordings, archive lag and callbacks, as the database has them now."""
+class DatabaseCollector:
+    """Recordings, archive lag and callbacks, as the database has them now (a prometheus_client
+    collector: it has `collect`)."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
     def collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import CounterMetricFamily
+
         with self.engine.connect() as connection:
             by_status = connection.execute(
                 select(
@@ -114,6 +118,12 @@ class DatabaseCollector(Collector):
 
 
 def _recording_metrics(rows: Sequence[Sequence[Any]]) -> Iterator[Metric]:
+    from prometheus_client.core import (
+        CounterMetricFamily,
+        GaugeMetricFamily,
+        HistogramMetricFamily,
+    )
+
     recordings = GaugeMetricFamily("webhook_recordings", "Recordings by state", labels=["status"])
     attempts = GaugeMetricFamily(
         "webhook_recording_attempts",
@@ -153,6 +163,8 @@ def _recording_metrics(rows: Sequence[Sequence[Any]]) -> Iterator[Metric]:
 
 
 def _lag(oldest_end_ms: int | None, oldest_created: dt.datetime | None) -> Metric:
+    from prometheus_client.core import GaugeMetricFamily
+
     now = utcnow()
     ages = [0.0]
     if oldest_end_ms is not None:
