@@ -144,6 +144,10 @@ class PlivoClient:
         """One recording's details (durations, times, URL)."""
         return self._call("GET", f"Recording/{quote(recording_id, safe='')}/")
 
+    def check_credentials(self) -> None:
+        """Raise PlivoError unless Plivo accepts the credentials (one small, read-only call)."""
+        self._call("GET", "Recording/", params={"limit": 1})
+
     def iter_recordings(self, **filters: str) -> Iterator[dict[str, Any]]:
         """Every recording matching the filters, following Plivo's pages (20 a page at most)."""
         offset = 0

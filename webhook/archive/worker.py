@@ -24,10 +24,24 @@ from webhook.archive.deletion import DELETE_EVERY_SECONDS, delete_from_plivo
 from webhook.archive.media import MediaError, RefusedMedia, RefusedURL, media_limits, open_media
 from webhook.archive.reconcile import reconcile
 from webhook.archive.storage import HashingReader, Interrupted, StorageError, StoredObject
-from webhook.db import rowcount, transaction
+from webhook.config import archive_prefix
+from webhook.db import (
+    NOT_MIGRATED,
+    UPGRADE_HINT,
+    describe_error,
+    is_schema_missing,
+    rowcount,
+    transaction,
+)
 from webhook.errors import BadParameter, PlivoError
 from webhook.models import Recording, Schedule, Status, utcnow
-from webhook.recordings import EPOCH_MS_RANGE, MAX_DURATION_MS, insert_ignoring_conflict, parse_ms
+from webhook.recordings import (
+    EPOCH_MS_RANGE,
+    MAX_DURATION_MS,
+    archive_key,
+    insert_ignoring_conflict,
+    parse_ms,
+)
 
 if TYPE_CHECKING:
     from webhook import Services
@@ -160,13 +174,26 @@ class Worker:
                     Recording.duration_ms,
                 )
             ).one_or_none()
-        if row is None:
-            return None
+            if row is None:
+                return None
+            key = row.archive_key
+            if key is None:
+                # The worker that writes the object names it, from its own ARCHIVE_URL, once:
+                # later attempts (and rows keyed before this rule) keep the key on the row.
+                key = archive_key(
+                    archive_prefix(self.settings.archive_url),
+                    row.recording_id,
+                    row.start_ms,
+                    row.file_format or "mp3",
+                )
+                session.execute(
+                    update(Recording).where(Recording.id == row.id).values(archive_key=key)
+                )
         return Job(
             id=row.id,
             recording_id=row.recording_id,
             record_url=row.record_url,
-            archive_key=row.archive_key,
+            archive_key=key,
             file_format=row.file_format,
             lease_token=token,
             attempts=row.attempts,
@@ -270,6 +297,7 @@ class Worker:
             retain_until=self._retain_until(job),
             last_error=None,
             next_attempt_at=None,
+            archive_seconds=round(time.perf_counter() - started, 3),
         )
         log.info(
             "archived" if marked else "archived, but the lease had passed to another worker",
@@ -393,7 +421,13 @@ class Worker:
                 db_failures = 0
             except DBAPIError as exc:
                 db_failures += 1
-                log.warning("database unavailable: %s", exc.orig)
+                if is_schema_missing(exc):
+                    # Retried too: the release phase may be migrating right now.
+                    log.error(
+                        "%s; %s", NOT_MIGRATED, UPGRADE_HINT, extra={"error": describe_error(exc)}
+                    )
+                else:
+                    log.warning("database unavailable: %s", exc.orig)
                 if once and db_failures >= 5:
                     raise
                 self.stop.wait(min(2.0**db_failures, 30.0))
