@@ -29,8 +29,15 @@ from tests.fakeplivo import FakePlivo
 from tests.processes import Deployment, Process, process_env, read_procfile, run_all
 from webhook import services
 from webhook.archive.worker import Worker
-from webhook.db import make_engine
-from webhook.models import CallbackLog, CallbackRefusal, Recording, Status
+from webhook.db import make_engine, transaction
+from webhook.models import (
+    CallbackLog,
+    CallbackRefusal,
+    PlivoDeletion,
+    Recording,
+    RecordingNotice,
+    Status,
+)
 
 METRICS_TOKEN = "metrics-" + "x" * 24
 ROOT = Path(__file__).resolve().parent.parent
@@ -126,6 +133,39 @@ def test_numbers_follow_callbacks_archiving_failures_and_refusals(
     assert found[("webhook_callbacks_total", outcome("refused", "missing_signature"))] == 1
     with services(metrics_app).sessions() as session:
         assert session.scalar(select(func.count()).select_from(CallbackRefusal)) == 2  # reasons
+
+
+def test_notices_deletions_and_mismatches_are_counted_as_the_database_has_them(
+    metrics_app: Flask, plivo: FakePlivo
+) -> None:
+    client = metrics_app.test_client()
+    before = scrape(client)
+    assert before[("webhook_archive_mismatches", ())] == 0
+    assert before[("webhook_recording_notices_total", (("outcome", "failed"),))] == 0
+    assert before[("webhook_plivo_deletions_total", (("outcome", "mismatch"),))] == 0
+    params = plivo.finish_recording("m-policy", mp3_bytes(1000))
+    assert post_callback(client, plivo, params).status_code == 200
+    with transaction(services(metrics_app).sessions) as session:
+        recording = session.scalars(select(Recording)).one()
+        recording.archive_mismatch = "the archived bytes' SHA-256 differs"
+        session.add_all(
+            [
+                RecordingNotice(recording_pk=recording.id, member_id="1", outcome="played"),
+                RecordingNotice(recording_pk=recording.id, member_id="2", outcome="failed"),
+                RecordingNotice(recording_pk=recording.id, member_id="3", outcome="failed"),
+                PlivoDeletion(recording_id="m-policy", outcome="refused"),
+                PlivoDeletion(recording_id="m-policy", outcome="mismatch"),
+            ]
+        )
+
+    found = scrape(client)
+
+    assert found[("webhook_archive_mismatches", ())] == 1
+    assert found[("webhook_recording_notices_total", (("outcome", "played"),))] == 1
+    assert found[("webhook_recording_notices_total", (("outcome", "failed"),))] == 2
+    assert found[("webhook_plivo_deletions_total", (("outcome", "refused"),))] == 1
+    assert found[("webhook_plivo_deletions_total", (("outcome", "mismatch"),))] == 1
+    assert found[("webhook_plivo_deletions_total", (("outcome", "deleted"),))] == 0
 
 
 def test_refusals_are_one_row_per_reason_and_minute(metrics_app: Flask) -> None:

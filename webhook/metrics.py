@@ -18,11 +18,20 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DBAPIError
 
-from webhook import services
+from webhook import notices, services
+from webhook.archive import deletion
 from webhook.auth import bearer_token
 from webhook.db import describe_error
 from webhook.errors import APIError
-from webhook.models import CallbackLog, CallbackRefusal, Recording, Status, utcnow
+from webhook.models import (
+    CallbackLog,
+    CallbackRefusal,
+    PlivoDeletion,
+    Recording,
+    RecordingNotice,
+    Status,
+    utcnow,
+)
 
 if TYPE_CHECKING:
     from prometheus_client import Metric
@@ -37,6 +46,8 @@ CALLBACK_PATH_PREFIX = "/plivo/"
 WAITING = (Status.PENDING, Status.ARCHIVING)
 # The kinds of callback the door logs; each is shown (at 0) before its first one arrives.
 CALLBACK_KINDS = ("member", "recording")
+NOTICE_OUTCOMES = (notices.PLAYED, notices.FAILED)
+DELETION_OUTCOMES = (deletion.DELETED, deletion.FAILED, deletion.REFUSED, deletion.MISMATCH)
 
 
 @bp.get("/metrics")
@@ -107,8 +118,16 @@ class DatabaseCollector:
                     CallbackRefusal.reason
                 )
             ).all()
+            mismatched = connection.scalar(select(func.count(Recording.archive_mismatch)))
+            notice_rows = connection.execute(
+                select(RecordingNotice.outcome, func.count()).group_by(RecordingNotice.outcome)
+            ).all()
+            deletion_rows = connection.execute(
+                select(PlivoDeletion.outcome, func.count()).group_by(PlivoDeletion.outcome)
+            ).all()
         yield from _recording_metrics(by_status)
         yield _lag(oldest_end_ms, oldest_created)
+        yield from _policy_metrics(int(mismatched or 0), notice_rows, deletion_rows)
         callbacks = CounterMetricFamily(
             "webhook_callbacks",
             "Callbacks received from Plivo, by outcome (accepted, duplicate, refused), the kind "
@@ -168,6 +187,38 @@ def _recording_metrics(rows: Sequence[Sequence[Any]]) -> Iterator[Metric]:
         ],
         sum_value=float(archived[5]) if archived else 0.0,
     )
+
+
+def _policy_metrics(
+    mismatched: int, notice_rows: Sequence[Sequence[Any]], deletion_rows: Sequence[Sequence[Any]]
+) -> Iterator[Metric]:
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    yield GaugeMetricFamily(
+        "webhook_archive_mismatches",
+        "Recordings whose archived copy did not match its SHA-256 when re-read (never deleted "
+        "from Plivo)",
+        value=mismatched,
+    )
+    told = CounterMetricFamily(
+        "webhook_recording_notices",
+        "Recording notices played to conference members, by outcome (played, failed)",
+        labels=["outcome"],
+    )
+    counts = {str(outcome): int(n) for outcome, n in notice_rows}
+    for outcome in sorted({*NOTICE_OUTCOMES, *counts}):
+        told.add_metric([outcome], counts.get(outcome, 0))
+    yield told
+    deleted = CounterMetricFamily(
+        "webhook_plivo_deletions",
+        "Attempts to delete archived recordings from Plivo, by outcome (deleted, failed, "
+        "refused, mismatch)",
+        labels=["outcome"],
+    )
+    counts = {str(outcome): int(n) for outcome, n in deletion_rows}
+    for outcome in sorted({*DELETION_OUTCOMES, *counts}):
+        deleted.add_metric([outcome], counts.get(outcome, 0))
+    yield deleted
 
 
 def _lag(oldest_end_ms: int | None, oldest_created: dt.datetime | None) -> Metric:
