@@ -270,7 +270,7 @@ def queue_recording(url: str, media_base: str, content: str, recording_id: str, 
     engine = sa.create_engine(url)
     try:
         with Session(engine) as session, session.begin():
-            record_report(session, report, "x/")
+            record_report(session, report)
     finally:
         engine.dispose()
 

@@ -147,6 +147,10 @@ def run(report: Report, args: argparse.Namespace) -> None:
                 "WEB_CONCURRENCY": "1",
                 "DATABASE_URL": common.libpq_url(url),
                 "ARCHIVE_URL": f"file://{work}/archive",
+                # Configured for callbacks as a deployed service is, so /healthz answers 200.
+                "PUBLIC_URL": f"http://127.0.0.1:{port}",
+                "PLIVO_AUTH_ID": common.PLIVO_AUTH_ID,
+                "PLIVO_AUTH_TOKEN": common.PLIVO_AUTH_TOKEN,
             },
         )
         web = common.start_gunicorn("gunicorn", port, env, work)

@@ -80,12 +80,11 @@ def main() -> None:
                 for i, (number, name) in enumerate(people, start=1)
             ]
             url = f"http://127.0.0.1:{media.server_port}/{recording_id}.wav"
-            record_start(session, recording_id, conference, "wav", None, url, members, "ops", "")
+            record_start(session, recording_id, conference, "wav", None, url, members, "ops")
             start = now_ms - (n + 1) * 3_600_000
             record_report(
                 session,
                 RecordingReport(recording_id, url, conference, None, 7000, start, start + 7000),
-                "",
             )
         token = add_staff(session, "maria.compliance", Role.ADMIN)
     Worker(svc).run(once=True)

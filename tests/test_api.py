@@ -31,7 +31,7 @@ from webhook.models import (
     Status,
     utcnow,
 )
-from webhook.recordings import RecordingReport, record_report, record_start
+from webhook.recordings import RecordingReport, archive_key, record_report, record_start
 
 CALLBACK_WITH_RETRIES = PUBLIC_URL + "/plivo/recording#rc=5&rp=all"
 MEMBERS = [
@@ -130,7 +130,6 @@ def seed(app: Flask, *recordings: Seed) -> None:
                     record_url=None,
                     members=list(r.members),
                     started_by="seed",
-                    key_prefix="",
                 )
             record_report(
                 session,
@@ -142,13 +141,14 @@ def seed(app: Flask, *recordings: Seed) -> None:
                     start_ms=r.start_ms,
                     end_ms=None if r.duration_ms is None else r.start_ms + r.duration_ms,
                 ),
-                "",
             )
             changes: dict[str, Any] = {}
             if r.status is not None:
                 changes["status"] = r.status
             if r.status == Status.ARCHIVED:
                 changes.update(
+                    # As the worker names it, under an ARCHIVE_URL without a prefix.
+                    archive_key=archive_key("", r.recording_id, r.start_ms, "mp3"),
                     archive_size=1234,
                     archive_sha256="ab" * 32,
                     archived_at=dt.datetime(2024, 1, 5, 12, 0, 0, tzinfo=dt.UTC),
@@ -337,7 +337,6 @@ def test_start_recording_honours_file_format(app, client, plivo, operator):
     with services(app).sessions() as session:
         recording = session.scalars(select(Recording)).one()
     assert recording.file_format == "wav"
-    assert recording.archive_key.endswith(".wav")
 
 
 def test_bad_file_format_is_400_and_plivo_is_not_called(app, client, plivo, operator):
@@ -1032,3 +1031,12 @@ def test_wrong_method_is_405_json_with_allow(client, compliance):
     response = client.post("/api/recordings", headers=compliance)
     assert_error(response, 405, "method_not_allowed")
     assert "GET" in response.headers["Allow"]
+
+
+def test_an_unmigrated_database_is_503_saying_run_db_upgrade(make_app, tmp_path) -> None:
+    app = make_app(database=f"sqlite:///{tmp_path}/never-migrated.sqlite3")
+    response = app.test_client().get(
+        "/api/recordings", headers={"Authorization": "Bearer whk_anything"}
+    )
+    assert_error(response, 503, "database_not_migrated")
+    assert "run `webhook db upgrade`" in response.json["message"]

@@ -8,8 +8,11 @@ import itertools
 import logging
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -213,6 +216,41 @@ def test_staff_revoke_makes_the_token_fail(runner, client) -> None:
     again = invoke(runner, "staff", "revoke", "frank")
     assert again.exit_code != 0
     assert invoke(runner, "staff", "revoke", "nobody").exit_code != 0
+
+
+def test_staff_rotate_issues_a_new_token_and_the_old_one_stops_working(runner, client) -> None:
+    old = last_line(invoke(runner, "staff", "add", "gina", "--role", "compliance"))
+
+    result = invoke(runner, "staff", "rotate", "gina")
+
+    assert result.exit_code == 0, result.output
+    new = last_line(result)
+    assert new != old and new.startswith("whk_")
+    assert client.get(
+        "/api/recordings", headers={"Authorization": f"Bearer {old}"}
+    ).status_code == (401)
+    assert client.get(
+        "/api/recordings", headers={"Authorization": f"Bearer {new}"}
+    ).status_code == (200)
+    listed = invoke(runner, "staff", "list").output.strip().splitlines()
+    assert [line.split("\t")[:2] for line in listed] == [["gina", "compliance"]] * 2
+    assert "revoked" in listed[0] and "active" in listed[1]
+    assert invoke(runner, "staff", "rotate", "nobody").exit_code == 1
+
+
+def test_a_revoked_name_can_be_given_again_but_never_twice_at_once(app, runner, client) -> None:
+    invoke(runner, "staff", "add", "hal", "--role", "admin")
+    invoke(runner, "staff", "revoke", "hal")
+
+    again = invoke(runner, "staff", "add", "hal", "--role", "compliance")
+
+    assert again.exit_code == 0, again.output
+    headers = {"Authorization": f"Bearer {last_line(again)}"}
+    assert client.get("/api/recordings", headers=headers).status_code == 200
+    assert client.get("/api/audit", headers=headers).status_code == 403  # the new role only
+    # The database itself keeps one active holder per name, whatever the caller does.
+    with pytest.raises(sa.exc.IntegrityError), transaction(services(app).sessions) as session:
+        session.add(Staff(name="hal", role="admin", token_hash="0" * 64))
 
 
 # --- worker -------------------------------------------------------------------------------------
@@ -611,3 +649,73 @@ def test_verify_finds_an_overwritten_s3_object(
         assert "1 mismatch(es)" in last_line(result)
     finally:
         services(app).engine.dispose()
+
+
+# --- errors are one line and a hint -------------------------------------------------------------
+
+
+def run_webhook(*args: str, **env: str) -> Any:
+    """The installed `webhook` command, in a clean environment plus `env`."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("FLASK_", "DATABASE"))}
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "webhook"), *args],
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_a_misconfiguration_is_one_line_and_a_hint_not_a_traceback(tmp_path: Path) -> None:
+    result = run_webhook("staff", "list", ARCHIVE_URL="my-bucket")
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert lines[0].startswith("Error: ARCHIVE_URL 'my-bucket' has no scheme; write s3://my-bucket")
+    assert lines[1].startswith("Hint:")
+    assert len(lines) == 2 and "Traceback" not in result.stderr
+
+
+def test_an_unmigrated_database_says_run_db_upgrade_and_debug_shows_the_trace(
+    tmp_path: Path,
+) -> None:
+    url = f"sqlite:///{tmp_path}/empty.sqlite3"
+    result = run_webhook("staff", "list", DATABASE_URL=url, ARCHIVE_URL=f"file://{tmp_path}/a")
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[0] == (
+        "Error: the database is not migrated to this version of the service"
+    )
+    assert "run `webhook db upgrade`" in result.stderr
+    assert "Traceback" not in result.stderr
+    debug = run_webhook(
+        "--debug", "staff", "list", DATABASE_URL=url, ARCHIVE_URL=f"file://{tmp_path}/a"
+    )
+    assert debug.returncode == 1 and "Traceback" in debug.stderr
+
+
+def test_an_unreachable_database_is_one_line_naming_database_url(tmp_path: Path) -> None:
+    result = run_webhook(
+        "staff",
+        "list",
+        DATABASE_URL="postgresql://postgres@127.0.0.1:1/none",
+        ARCHIVE_URL=f"file://{tmp_path}/a",
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith("Error: database error: OperationalError")
+    assert "DATABASE_URL" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_worker_refuses_to_start_on_an_unmigrated_database(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/empty.sqlite3"
+    result = run_webhook("worker", DATABASE_URL=url, ARCHIVE_URL=f"file://{tmp_path}/a")
+    assert result.returncode == 1
+    assert "has no migrations applied" in result.stderr
+    assert "run `webhook db upgrade`" in result.stderr
+
+
+def test_version_prints_the_package_version() -> None:
+    from importlib.metadata import version
+
+    result = run_webhook("--version")
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"webhook {version('webhook')}"

@@ -208,7 +208,10 @@ def test_healthz_is_503_when_the_bucket_has_no_object_lock_and_the_log_says_why(
 
     assert response.status_code == 503
     body = response.get_json()
-    assert body == {"status": "unavailable", "checks": {"database": "ok", "archive": "unavailable"}}
+    assert body == {
+        "status": "unavailable",
+        "checks": {"database": "ok", "archive": "unavailable", "callbacks": "ok"},
+    }
     assert bucket not in response.get_data(as_text=True)
     (why,) = [r.__dict__ for r in caplog.records if r.getMessage() == "health check failed"]
     assert why["check"] == "archive"
@@ -221,7 +224,7 @@ def test_healthz_is_200_with_an_object_lock_bucket(locked_app: Flask) -> None:
     assert response.status_code == 200, response.get_json()
     assert response.get_json() == {
         "status": "ok",
-        "checks": {"database": "ok", "archive": "ok"},
+        "checks": {"database": "ok", "archive": "ok", "callbacks": "ok"},
     }
 
 

@@ -43,6 +43,7 @@ def test_values_are_normalised() -> None:
             "RECORDING_HOSTS": " Media.Plivo.com , 127.0.0.1,,",
             "OBJECT_LOCK_MODE": "compliance",
             "RETENTION_DAYS": "2557",
+            "ARCHIVE_URL": "s3://archive-bucket",
         },
     )
     assert settings.public_url == "https://archive.example.com"
@@ -73,13 +74,16 @@ def test_unusable_settings_are_refused_naming_the_variable(env: dict[str, str], 
 
 def test_a_dyno_with_database_and_archive_starts() -> None:
     settings = load(
-        INSTANCE, {"DYNO": "web.1", "DATABASE_URL": "postgres://h/d", "ARCHIVE_URL": "s3://b/p"}
+        INSTANCE,
+        {"DYNO": "web.1", "DATABASE_URL": "postgres://h/d", "ARCHIVE_URL": "s3://archive-b/p"},
     )
-    assert settings.archive_url == "s3://b/p"
+    assert settings.archive_url == "s3://archive-b/p"
 
 
 def test_presigned_links_never_outlive_five_minutes() -> None:
-    assert load(INSTANCE, {"PRESIGN_SECONDS": "3600"}).presign_seconds == 300
+    with pytest.raises(ConfigError, match="PRESIGN_SECONDS must be at most 300"):
+        load(INSTANCE, {"PRESIGN_SECONDS": "3600"})
+    assert load(INSTANCE, {"PRESIGN_SECONDS": "300"}).presign_seconds == 300
     assert load(INSTANCE, {"PRESIGN_SECONDS": "60"}).presign_seconds == 60
 
 
@@ -107,3 +111,95 @@ def test_member_poll_seconds_defaults_to_a_minute_and_zero_turns_it_off() -> Non
     for bad in ("soon", "-1"):
         with pytest.raises(ConfigError, match="MEMBER_POLL_SECONDS"):
             load(INSTANCE, {"MEMBER_POLL_SECONDS": bad})
+
+
+# --- misconfigurations that would lose recordings or refuse every callback ---------------------
+
+PLATFORM = {"DYNO": "web.1", "DATABASE_URL": "postgres://h/d", "ARCHIVE_URL": "s3://archive-b/p"}
+
+
+@pytest.mark.parametrize(
+    ("env", "sentence"),
+    [
+        (
+            {"ARCHIVE_URL": "my-bucket"},
+            "ARCHIVE_URL 'my-bucket' has no scheme; write s3://my-bucket",
+        ),
+        ({"ARCHIVE_URL": "s3://"}, "ARCHIVE_URL 's3://' names no bucket"),
+        ({"ARCHIVE_URL": "s3:/my-bucket"}, "names no bucket"),
+        ({"ARCHIVE_URL": "gs://bucket/p"}, "ARCHIVE_URL must be s3://BUCKET/PREFIX or file:///"),
+        ({"ARCHIVE_URL": "s3://My_Bucket/p"}, "not an S3 bucket name"),
+        ({"ARCHIVE_URL": "file://localhost/srv/archive"}, "is not an absolute folder"),
+        ({"ARCHIVE_URL": "file://relative/dir"}, "is not an absolute folder"),
+        ({**PLATFORM, "ARCHIVE_URL": "file:///app/archive"}, "ARCHIVE_URL is a local folder"),
+        ({**PLATFORM, "DATABASE_URL": "sqlite:////app/x.db"}, "DATABASE_URL is SQLite"),
+        ({"DATABASE_URL": "mysql://u@h/d"}, "DATABASE_URL must be a PostgreSQL"),
+        ({"DATABASE_URL": "db.example.com"}, "DATABASE_URL is not a database URL"),
+        ({"PUBLIC_URL": "archive.example.com"}, "PUBLIC_URL must be an absolute URL"),
+        ({"PUBLIC_URL": "https://"}, "PUBLIC_URL must be an absolute URL"),
+        ({"PUBLIC_URL": "ftp://archive.example.com"}, "PUBLIC_URL must be an absolute URL"),
+        ({"PUBLIC_URL": "https://archive.example.com/?x=1"}, "PUBLIC_URL must be a base URL"),
+        ({"PUBLIC_URL": "https://archive.example.com:port"}, "PUBLIC_URL has a bad port"),
+        ({"PLIVO_API_URL": "api.plivo.com"}, "PLIVO_API_URL must be an absolute URL"),
+        ({"PLIVO_AUTH_ID": "MA123"}, "PLIVO_AUTH_ID is set without PLIVO_AUTH_TOKEN"),
+        ({"RECORDING_HOSTS": "https://media.plivo.com"}, "RECORDING_HOSTS lists host names only"),
+        ({"RECORDING_HOSTS": "media.plivo.com:443"}, "RECORDING_HOSTS lists host names only"),
+        ({"METRICS_TOKEN": "short"}, "METRICS_TOKEN must be at least 16 characters"),
+        (
+            {"OBJECT_LOCK_MODE": "COMPLIANCE", "RETENTION_DAYS": "30"},
+            "OBJECT_LOCK_MODE needs an S3 archive",
+        ),
+        ({"ARCHIVE_KMS_KEY_ID": "alias/archive"}, "ARCHIVE_KMS_KEY_ID needs an S3 archive"),
+        ({"PRESIGN_SECONDS": "0"}, "PRESIGN_SECONDS must be at least 1"),
+        ({"MAX_CALLBACK_BYTES": "1k"}, "MAX_CALLBACK_BYTES must be a whole number"),
+        ({"RECONCILE_INTERVAL_SECONDS": "-1"}, "RECONCILE_INTERVAL_SECONDS must be at least 0"),
+        ({"TRUSTED_PROXY_HOPS": "6"}, "TRUSTED_PROXY_HOPS must be at most 5, got 6"),
+        ({"TRUSTED_PROXY_HOPS": "one"}, "TRUSTED_PROXY_HOPS must be a whole number"),
+        ({"CONSOLE_IDLE_MINUTES": "soon"}, "CONSOLE_IDLE_MINUTES must be a number"),
+        ({"CONSOLE_IDLE_MINUTES": "0"}, "CONSOLE_IDLE_MINUTES must be above 0"),
+        ({"AUTO_RECORD": "*"}, "AUTO_RECORD needs PUBLIC_URL"),
+        ({"AUTO_RECORD_INTERVAL_SECONDS": "0"}, "AUTO_RECORD_INTERVAL_SECONDS must be at least 1"),
+        (
+            {"RECORDING_NOTICE_TEXT": "Recorded.", "RECORDING_NOTICE_URL": "https://x.test/n.mp3"},
+            "set RECORDING_NOTICE_TEXT or RECORDING_NOTICE_URL, not both",
+        ),
+        ({"RECORDING_NOTICE_TEXT": "a\tb"}, "RECORDING_NOTICE_TEXT must be at most"),
+        ({"RECORDING_NOTICE_URL": "notice.mp3"}, "RECORDING_NOTICE_URL must be an absolute"),
+        ({"RECORDING_NOTICE_VOICE": "robot"}, "RECORDING_NOTICE_VOICE must be one of WOMAN, MAN"),
+        ({"RECORDING_NOTICE_LANGUAGE": "English"}, "RECORDING_NOTICE_LANGUAGE must look like"),
+        ({"DELETE_FROM_PLIVO_AFTER_DAYS": "-1"}, "DELETE_FROM_PLIVO_AFTER_DAYS must be a number"),
+        ({"DELETE_FROM_PLIVO_AFTER_DAYS": "nan"}, "DELETE_FROM_PLIVO_AFTER_DAYS must be a number"),
+        ({"MEDIA_MAX_BYTES": "2GB"}, "MEDIA_MAX_BYTES must be a whole number"),
+        ({"MEDIA_MAX_BYTES": "100"}, "MEDIA_MAX_BYTES must be at least 1024"),
+        ({"MEDIA_DEADLINE_SECONDS": "0"}, "MEDIA_DEADLINE_SECONDS must be at least 1"),
+        ({"MEDIA_READ_TIMEOUT_SECONDS": "0"}, "MEDIA_READ_TIMEOUT_SECONDS must be at least 1"),
+        ({"MEDIA_MIN_BYTES_PER_SECOND": "-1"}, "MEDIA_MIN_BYTES_PER_SECOND must be at least 0"),
+    ],
+)
+def test_each_misconfiguration_is_refused_with_a_sentence_naming_it(
+    env: dict[str, str], sentence: str
+) -> None:
+    with pytest.raises(ConfigError) as refused:
+        load(INSTANCE, env)
+    assert sentence in str(refused.value)
+    assert "\n" not in str(refused.value)
+
+
+def test_well_formed_settings_are_accepted() -> None:
+    settings = load(
+        INSTANCE,
+        {
+            **PLATFORM,
+            "ARCHIVE_URL": "s3://archive-bucket/prod",
+            "PUBLIC_URL": "https://archive.example.com/base/",
+            "RECORDING_HOSTS": "media.plivo.com,*.example.com,::1,127.0.0.1",
+            "METRICS_TOKEN": "x" * 16,
+            "ARCHIVE_KMS_KEY_ID": "alias/archive",
+            "PLIVO_AUTH_ID": "MA1",
+            "PLIVO_AUTH_TOKEN": "t",
+        },
+    )
+    assert settings.public_url == "https://archive.example.com/base"
+    assert settings.metrics_token == "x" * 16
+    assert settings.archive_kms_key_id == "alias/archive"
+    assert load(INSTANCE, {"ARCHIVE_URL": "file:///srv/archive"}).archive_url.startswith("file:")

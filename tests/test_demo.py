@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
+
+import sqlalchemy as sa
 
 from tests.conftest import free_port
 
@@ -45,3 +48,38 @@ def test_demo_archives_a_signed_recording_on_the_embedded_defaults(tmp_path: Pat
     assert [t.name.removesuffix(".transcript.json") for t in transcripts] == [
         archived[0].name.removesuffix(".wav")
     ]
+
+
+def test_demo_stopped_with_sigterm_revokes_its_admin_token(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in SERVICE_VARIABLES}
+    call = f"run_demo({free_port()}, serve=True, instance_path={str(tmp_path)!r})"
+    script = f"from webhook.demo import run_demo; {call}"
+    with subprocess.Popen(
+        [sys.executable, "-u", "-c", script],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    ) as demo:
+        try:
+            assert demo.stdout is not None
+            for line in demo.stdout:
+                if "Press Ctrl-C to stop." in line:
+                    break
+            else:
+                raise AssertionError("the demo never started serving")
+            demo.send_signal(signal.SIGTERM)
+            assert demo.wait(timeout=30) == 0
+        finally:
+            if demo.poll() is None:
+                demo.kill()
+    engine = sa.create_engine(f"sqlite:///{tmp_path}/webhook.sqlite3")
+    try:
+        with engine.connect() as connection:
+            active = connection.scalar(
+                sa.text("SELECT count(*) FROM staff WHERE revoked_at IS NULL")
+            )
+            made = connection.scalar(sa.text("SELECT count(*) FROM staff"))
+    finally:
+        engine.dispose()
+    assert (made, active) == (1, 0)

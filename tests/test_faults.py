@@ -442,11 +442,13 @@ def test_worker_sigkilled_mid_upload_is_taken_over_after_its_lease_and_archived_
     # caught with part 1 in S3 and part 2 still downloading.
     media.plans["killed-upload"] = [Plan(fast=PART + MiB, rate=64 * 1024)]
     queue(web(), plivo, "killed-upload", audio, media.url("killed-upload"))
-    key = rows.recording("killed-upload").archive_key
-    assert key is not None
     worker_env = env(f"s3://{bucket}/a")
 
     first = processes.worker("worker-1", worker_env)
+    # The worker that claims the recording names its key, under its own ARCHIVE_URL's prefix.
+    wait_for(lambda: rows.recording("killed-upload").archive_key is not None, 30, "a key")
+    key = str(rows.recording("killed-upload").archive_key)
+    assert key.startswith("a/recordings/")
     wait_for(lambda: uploaded_parts(s3, bucket, key) >= 1, 60, "a part uploaded")
     kill(first)
     assert first.popen.wait(timeout=10) == -signal.SIGKILL
@@ -484,7 +486,6 @@ def test_worker_sigkilled_mid_download_is_taken_over_and_archived_once(
     media.content["killed-download"] = audio
     media.plans["killed-download"] = [Plan(fast=MiB, rate=64 * 1024)]
     queue(web(), plivo, "killed-download", audio, media.url("killed-download"))
-    key = rows.recording("killed-download").archive_key
     worker_env = env(f"s3://{bucket}/a")
 
     first = processes.worker("worker-1", worker_env)
@@ -500,6 +501,8 @@ def test_worker_sigkilled_mid_download_is_taken_over_and_archived_once(
     row = rows.recording("killed-download")
     assert row.status == Status.ARCHIVING
     assert row.attempts == 1
+    key = row.archive_key  # named by the worker when it claimed the recording
+    assert key is not None and key.startswith("a/recordings/")
     # Less than one part was read: the upload had not begun.
     assert open_uploads(s3, bucket) == []
     assert object_versions(s3, bucket, str(key)) == []
@@ -525,11 +528,12 @@ def test_sigterm_mid_upload_releases_the_job_uncounted_and_exits_promptly(
     # A slow but steady host: the rest of part 2 would take nearly a minute to arrive.
     media.plans["stopped-upload"] = [Plan(fast=PART + MiB, rate=128 * 1024)]
     queue(web(), plivo, "stopped-upload", audio, media.url("stopped-upload"))
-    key = rows.recording("stopped-upload").archive_key
-    assert key is not None
     worker_env = env(f"s3://{bucket}/a")
 
     first = processes.worker("worker-1", worker_env)
+    # The worker that claims the recording names its key.
+    wait_for(lambda: rows.recording("stopped-upload").archive_key is not None, 30, "a key")
+    key = str(rows.recording("stopped-upload").archive_key)
     wait_for(lambda: uploaded_parts(s3, bucket, key) >= 1, 60, "a part uploaded")
     assert rows.status("stopped-upload") == Status.ARCHIVING
     stopped_at = time.monotonic()

@@ -228,7 +228,7 @@ def archive(app: Flask, record_url: str) -> Recording:
         {"recording_id": "rec-1", "record_url": record_url, "recording_duration_ms": "1000"}
     )
     with transaction(services(app).sessions) as session:
-        record_report(session, report, "")
+        record_report(session, report)
     Worker(services(app)).run(once=True)
     with services(app).sessions() as session:
         return session.scalars(select(Recording)).one()

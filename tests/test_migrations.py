@@ -308,3 +308,58 @@ def test_transcript_search_structures_come_and_go_with_the_migration(
     assert expected <= search_structures()
     command.downgrade(alembic_config(empty_database_url), "0010")
     assert search_structures() == set()
+
+
+def test_console_sessions_survive_the_staff_name_migration(empty_database_url: str) -> None:
+    # 0007 rebuilds the staff table on SQLite (its name constraint has no name to drop); the
+    # console sessions that reference staff.id must come through it, still pointing at their row.
+    upgrade(empty_database_url, "0010")
+    engine = sa.create_engine(normalise_database_url(empty_database_url))
+    now = utcnow()
+    try:
+        with engine.begin() as conn:
+            staff_id = conn.execute(
+                sa.text(
+                    "INSERT INTO staff (name, role, token_hash, created_at) "
+                    "VALUES ('maria', 'compliance', :token, :now) RETURNING id"
+                ),
+                {"token": "a" * 64, "now": now},
+            ).scalar_one()
+            conn.execute(
+                sa.text(
+                    "INSERT INTO console_sessions "
+                    "(session_hash, staff_id, token_hash, created_at, last_seen_at) "
+                    "VALUES (:session, :staff, :token, :now, :now)"
+                ),
+                {"session": "b" * 64, "staff": staff_id, "token": "a" * 64, "now": now},
+            )
+        upgrade(empty_database_url)
+        with engine.begin() as conn:
+            if engine.dialect.name == "sqlite":
+                assert conn.exec_driver_sql("PRAGMA foreign_key_check").all() == []
+            joined = conn.execute(
+                sa.text(
+                    "SELECT staff.name FROM console_sessions "
+                    "JOIN staff ON staff.id = console_sessions.staff_id"
+                )
+            ).all()
+            assert joined == [("maria",)]
+            # The revoked name may be given again; two active members may not share it.
+            conn.execute(sa.text("UPDATE staff SET revoked_at = :now"), {"now": now})
+            conn.execute(
+                sa.text(
+                    "INSERT INTO staff (name, role, token_hash, created_at) "
+                    "VALUES ('maria', 'compliance', :token, :now)"
+                ),
+                {"token": "c" * 64, "now": now},
+            )
+        with pytest.raises(sa.exc.IntegrityError), engine.begin() as conn:
+            conn.execute(
+                sa.text(
+                    "INSERT INTO staff (name, role, token_hash, created_at) "
+                    "VALUES ('maria', 'admin', :token, :now)"
+                ),
+                {"token": "d" * 64, "now": now},
+            )
+    finally:
+        engine.dispose()

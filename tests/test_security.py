@@ -463,7 +463,7 @@ def test_database_errors_are_logged_without_parameters_or_quoted_values(
 
 def test_trusted_proxy_hops_default_to_none_off_platform_and_the_router_on_a_dyno() -> None:
     assert load("/srv", {}).trusted_proxy_hops == 0
-    dyno = {"DYNO": "web.1", "DATABASE_URL": "postgresql://h/d", "ARCHIVE_URL": "s3://b/p"}
+    dyno = {"DYNO": "web.1", "DATABASE_URL": "postgresql://h/d", "ARCHIVE_URL": "s3://archive-b/p"}
     assert load("/srv", dyno).trusted_proxy_hops == 1
     assert load("/srv", {**dyno, "TRUSTED_PROXY_HOPS": "0"}).trusted_proxy_hops == 0
     assert load("/srv", {"TRUSTED_PROXY_HOPS": "2"}).trusted_proxy_hops == 2

@@ -44,7 +44,7 @@ def queue_url(app: Flask, recording_id: str, record_url: str) -> None:
         {"recording_id": recording_id, "record_url": record_url, "recording_duration_ms": "1000"}
     )
     with transaction(services(app).sessions) as session:
-        assert record_report(session, report, "")
+        assert record_report(session, report)
 
 
 def row(app: Flask, recording_id: str) -> Recording:
@@ -129,6 +129,42 @@ def test_queued_recording_is_archived_to_s3_under_the_prefix(make_app, plivo, s3
     assert [o["Key"] for o in objects] == [key]
     versions = s3.list_object_versions(Bucket=bucket, Prefix=key)["Versions"]
     assert len(versions) == 1
+
+
+def test_the_worker_names_the_key_from_its_own_archive_url_not_the_web_process(
+    make_app, plivo, s3, bucket
+) -> None:
+    web = make_app(f"s3://{bucket}/web-prefix")
+    worker_app = make_app(f"s3://{bucket}/worker-prefix")
+    audio = mp3_bytes(1000)
+    params = queue(web, plivo, "rec-prefix", audio)
+    assert row(web, "rec-prefix").archive_key is None
+
+    assert Worker(services(worker_app)).run(once=True) == 1
+
+    key = expected_key("worker-prefix/", params)
+    assert row(web, "rec-prefix").archive_key == key
+    assert [o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]] == [key]
+
+
+def test_a_row_queued_with_a_key_keeps_it(make_app, plivo, s3, bucket) -> None:
+    app = make_app(f"s3://{bucket}/now")
+    audio = MP3_TAG + b"old audio"
+    queue(app, plivo, "rec-old", audio)
+    set_row(app, "rec-old", archive_key="then/recordings/rec-old.mp3")
+
+    assert Worker(services(app)).run(once=True) == 1
+
+    assert row(app, "rec-old").archive_key == "then/recordings/rec-old.mp3"
+    assert s3.get_object(Bucket=bucket, Key="then/recordings/rec-old.mp3")["Body"].read() == audio
+
+
+def test_a_wav_recording_gets_a_wav_key(app, plivo) -> None:
+    params = plivo.finish_recording("rec-wav", b"RIFF")
+    params["record_url"] = plivo.media_url("rec-wav", "wav")
+    assert post_callback(app.test_client(), plivo, params).status_code == 200
+    assert Worker(services(app)).run(once=True) == 1
+    assert str(row(app, "rec-wav").archive_key).endswith("/rec-wav.wav")
 
 
 def test_recording_above_the_part_size_streams_into_s3_multipart(
@@ -885,3 +921,22 @@ def test_reconcile_skips_a_recording_whose_plivo_duration_is_absurd(app, plivo) 
     assert (result.queued, result.skipped) == (1, 1)
     assert "recording_duration_ms" in warnings[0]
     assert row(app, "rec-sane").status == Status.PENDING
+
+
+def test_with_archive_kms_key_id_every_object_is_sse_kms_under_that_key(
+    make_app, plivo, s3, bucket, s3_endpoint
+) -> None:
+    import boto3
+
+    kms = boto3.client("kms", endpoint_url=s3_endpoint)
+    key = kms.create_key(Description="customer archive key")["KeyMetadata"]
+    app = make_app(f"s3://{bucket}/kms", ARCHIVE_KMS_KEY_ID=key["KeyId"])
+    for name in ("rec-kms-1", "rec-kms-2"):
+        queue(app, plivo, name, mp3_bytes(5000))
+
+    assert Worker(services(app)).run(once=True) == 2
+
+    for name in ("rec-kms-1", "rec-kms-2"):
+        head = s3.head_object(Bucket=bucket, Key=str(row(app, name).archive_key))
+        assert head["ServerSideEncryption"] == "aws:kms"
+        assert head["SSEKMSKeyId"] in (key["Arn"], key["KeyId"])

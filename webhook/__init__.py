@@ -48,7 +48,7 @@ class Services:
 
 def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     """Build the Flask app: settings from the environment (or `test_config["SETTINGS"]`)."""
-    from webhook import api, callbacks, console, errors, logs, meta
+    from webhook import api, callbacks, console, errors, logs, meta, metrics
     from webhook.db import close_request_session, make_engine, make_session_factory
 
     app = Flask(__name__, instance_relative_config=True)
@@ -77,6 +77,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(api.bp)
     app.register_blueprint(meta.bp)
     app.register_blueprint(console.bp)
+    metrics.init_app(app)
     return app
 
 

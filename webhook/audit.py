@@ -27,9 +27,9 @@ from sqlalchemy.orm import Session
 
 from webhook import services
 from webhook.auth import bearer_token, staff_for_token
-from webhook.db import describe_error, request_session
+from webhook.db import describe_error, is_schema_missing, request_session
 from webhook.edge import REQUEST_TARGET_LIMIT, request_target_length
-from webhook.errors import BadParameter, error_response
+from webhook.errors import BadParameter, error_response, not_migrated_response
 from webhook.models import AuditAnonymous, AuditEvent, AuditRecording, utcnow
 from webhook.recordings import RECORDING_ID
 from webhook.search import decode_cursor, encode_cursor, parse_limit, parse_time
@@ -189,6 +189,8 @@ def write_audit(response: Response, refusal: Callable[[], Response] | None = Non
         response.close()
         if refusal is not None:
             return refusal()
+        if is_schema_missing(exc):
+            return not_migrated_response()
         return error_response(
             503, "audit_unavailable", "The access could not be written to the audit log"
         )

@@ -64,6 +64,20 @@ def bearer_token() -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
+def rotate_staff(session: Session, name: str) -> str | None:
+    """Revoke an active member's token and issue a new one, same name and role (None: no such
+    active member). The caller commits both together, so there is never a moment without one."""
+    staff = session.scalars(
+        select(Staff).where(Staff.name == name, Staff.revoked_at.is_(None)).with_for_update()
+    ).one_or_none()
+    if staff is None:
+        return None
+    staff.revoked_at = utcnow()
+    # The revocation goes first: the name is unique among active staff only.
+    session.flush()
+    return add_staff(session, name, Role(staff.role))
+
+
 def authenticate() -> Staff:
     """The staff member behind the request's bearer token, or 401."""
     token = bearer_token()

@@ -15,7 +15,6 @@ from sqlalchemy.orm import Session
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from webhook import services
-from webhook.config import archive_prefix
 from webhook.db import request_session
 from webhook.errors import APIError, BadParameter
 from webhook.members import parse_member_event, record_member_event, refresh_recording
@@ -73,6 +72,7 @@ def _refuse(code: str, message: str, checked_url: str | None = None) -> APIError
             "reason": code,
             "remote_addr": request.remote_addr,
             "request_id": g.request_id,
+            # The URL the signature was computed over: a wrong PUBLIC_URL shows here at once.
             "checked_url": checked_url,
         },
     )
@@ -199,8 +199,7 @@ def receive(dispatch: Dispatch) -> Response:
 def store_recording(session: Session, fields: Mapping[str, str]) -> Outcome:
     """A finished recording: stored idempotently by recording_id and queued for the archive."""
     report = parse_report(fields)
-    settings = services(current_app).settings
-    is_new = record_report(session, report, archive_prefix(settings.archive_url), now=utcnow())
+    is_new = record_report(session, report, now=utcnow())
     refresh_recording(session, report.recording_id)
     return Outcome(
         {"status": "accepted" if is_new else "duplicate", "recording_id": report.recording_id},

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
-from typing import Any
+import time
+from importlib.metadata import version
+from typing import Any, NoReturn
 
 import click
+import requests
 from flask import current_app
 from flask.cli import AppGroup, FlaskGroup
 from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError
 from tqdm import tqdm
 
 from webhook import create_app, logs, services
@@ -18,14 +23,27 @@ from webhook.archive.reconcile import reconcile, reconcile_history
 from webhook.archive.storage import ObjectLockMissing, StorageError, check_object
 from webhook.archive.transcripts import count_lacking, fetch_transcripts, order_transcripts
 from webhook.archive.worker import Worker
-from webhook.auth import add_staff, revoke_staff
-from webhook.db import transaction, upgrade
-from webhook.errors import BadParameter, PlivoError
+from webhook.auth import add_staff, revoke_staff, rotate_staff
+from webhook.check import effective_settings, run_checks
+from webhook.config import ConfigError
+from webhook.db import (
+    NOT_MIGRATED,
+    UPGRADE_HINT,
+    is_schema_missing,
+    migrations_pending,
+    transaction,
+    upgrade,
+)
+from webhook.errors import APIError, BadParameter, PlivoError
 from webhook.models import Recording, Role, Staff, Status, Transcript
 from webhook.recordings import requeue
 from webhook.search import parse_time
+from webhook.testcall import send_test_callback
 
-cli = FlaskGroup(create_app=create_app, help="Plivo conference recording archive.")
+cli = FlaskGroup(
+    create_app=create_app, help="Plivo conference recording archive.", add_version_option=False
+)
+click.version_option(version("webhook"), prog_name="webhook", message="%(prog)s %(version)s")(cli)
 db_cli = AppGroup("db", help="The database schema (Alembic migrations).")
 staff_cli = AppGroup("staff", help="Staff API tokens.")
 transcripts_cli = AppGroup("transcripts", help="Transcripts from Plivo for recordings lacking one.")
@@ -35,8 +53,33 @@ cli.add_command(transcripts_cli)
 
 
 def main() -> None:
-    """Entry point of the `webhook` console script."""
-    cli(prog_name="webhook")
+    """Entry point of the `webhook` console script: failures are one line and a hint."""
+    try:
+        cli.main(prog_name="webhook")
+    except ConfigError as exc:
+        _fail(exc, str(exc), "fix that variable in the environment, then run `webhook check`")
+    except DBAPIError as exc:
+        if is_schema_missing(exc):
+            _fail(exc, NOT_MIGRATED, UPGRADE_HINT)
+        first_line = str(exc.orig).strip().splitlines()[0] if str(exc.orig).strip() else ""
+        _fail(
+            exc,
+            f"database error: {type(exc.orig).__name__}: {first_line}",
+            "check DATABASE_URL and that the database is running, then `webhook check`",
+        )
+    except StorageError as exc:
+        _fail(exc, f"archive: {exc}", "check ARCHIVE_URL and the AWS_* settings (`webhook check`)")
+    except APIError as exc:
+        _fail(exc, exc.message, "`webhook check` tests the Plivo credentials")
+
+
+def _fail(exc: BaseException, message: str, hint: str) -> NoReturn:
+    """Show the trace with `webhook --debug …` (or FLASK_DEBUG=1), else one line and a hint."""
+    if os.environ.get("FLASK_DEBUG", "").lower() in ("1", "true", "yes"):
+        raise exc
+    click.secho(f"Error: {message}", err=True, fg="red")
+    click.echo(f"Hint: {hint} (`webhook --debug ...` shows the trace)", err=True)
+    sys.exit(1)
 
 
 def _progress(total: int | None, what: str) -> Any:
@@ -59,6 +102,13 @@ def worker(once: bool) -> None:
     """Run the archive worker (SIGTERM finishes or gives back the current job, then exits)."""
     logs.configure()
     svc = services(current_app)
+    try:
+        pending = migrations_pending(svc.engine)
+    except DBAPIError as exc:
+        pending = None  # a database outage: the loop waits for it, as for one that comes later
+        click.echo(f"warning: database not reachable yet ({type(exc.orig).__name__})", err=True)
+    if pending:
+        raise click.ClickException(pending)
     try:
         # Refuse to start rather than archive without the retention the operator asked for.
         svc.storage.check()
@@ -87,8 +137,11 @@ def staff_add(name: str, role: str) -> None:
         raise click.BadParameter("NAME must be 1 to 64 printable characters")
     sessions = services(current_app).sessions
     with transaction(sessions) as session:
-        if session.scalars(select(Staff).where(Staff.name == name)).first() is not None:
-            raise click.ClickException(f"staff {name!r} exists already (revoke it, or pick a name)")
+        active = select(Staff).where(Staff.name == name, Staff.revoked_at.is_(None))
+        if session.scalars(active).first() is not None:
+            raise click.ClickException(
+                f"staff {name!r} exists already (revoke it, rotate its token, or pick a name)"
+            )
         token = add_staff(session, name, Role(role))
     click.echo(f"Created {name} ({role}). The token is shown only now:")
     click.echo(token)
@@ -98,9 +151,21 @@ def staff_add(name: str, role: str) -> None:
 def staff_list() -> None:
     """List staff, their roles and whether their token is revoked."""
     with transaction(services(current_app).sessions) as session:
-        for staff in session.scalars(select(Staff).order_by(Staff.name)):
+        for staff in session.scalars(select(Staff).order_by(Staff.name, Staff.id)):
             state = f"revoked {staff.revoked_at:%Y-%m-%d}" if staff.revoked_at else "active"
             click.echo(f"{staff.name}\t{staff.role}\t{state}\tcreated {staff.created_at:%Y-%m-%d}")
+
+
+@staff_cli.command("rotate")
+@click.argument("name")
+def staff_rotate(name: str) -> None:
+    """Give NAME a new token and revoke the old one; the token is printed alone on the last line."""
+    with transaction(services(current_app).sessions) as session:
+        token = rotate_staff(session, name)
+        if token is None:
+            raise click.ClickException(f"no active staff named {name!r}")
+    click.echo(f"Rotated {name}: the old token no longer works. The new one is shown only now:")
+    click.echo(token)
 
 
 @staff_cli.command("revoke")
@@ -111,6 +176,74 @@ def staff_revoke(name: str) -> None:
         if not revoke_staff(session, name):
             raise click.ClickException(f"no active staff named {name!r}")
     click.echo(f"revoked {name}")
+
+
+@cli.command("check")
+def check_command() -> None:
+    """Print the effective configuration (secrets masked) and check each dependency."""
+    svc = services(current_app)
+    for name, value in effective_settings(svc.settings):
+        click.echo(f"{name}={value}")
+    click.echo("")
+    failed = 0
+    for outcome in run_checks(svc):
+        failed += not outcome.ok
+        click.echo(f"{'ok  ' if outcome.ok else 'FAIL'} {outcome.name}: {outcome.detail}")
+    if failed:
+        click.echo(f"{failed} check(s) failed", err=True)
+        sys.exit(1)
+
+
+@cli.command("send-test-callback")
+@click.option(
+    "--wait",
+    default=0,
+    show_default=True,
+    help="Seconds to wait for the worker to archive it (0: do not wait).",
+)
+def send_test_callback_command(wait: int) -> None:
+    """Send a correctly signed test recording callback to the running service at PUBLIC_URL."""
+    svc = services(current_app)
+    settings = svc.settings
+    if not (settings.public_url and settings.plivo_auth_token):
+        raise click.ClickException("PUBLIC_URL and PLIVO_AUTH_TOKEN must be set (`webhook check`)")
+    try:
+        sent = send_test_callback(settings)
+    except requests.RequestException as exc:
+        raise click.ClickException(
+            f"{settings.public_url} cannot be reached ({type(exc).__name__}); is `web` running "
+            "there, and is PUBLIC_URL its public address?"
+        ) from None
+    click.echo(f"POST {sent.url} -> {sent.status} {sent.body.strip()}")
+    if sent.status == 403:
+        raise click.ClickException(
+            "the service refused the signature: PLIVO_AUTH_TOKEN or PUBLIC_URL differ between "
+            "here and the running service (its log line `callback refused` shows checked_url)"
+        )
+    if sent.status != 200:
+        raise click.ClickException(f"the service answered {sent.status}, not 200")
+    click.echo(f"recording {sent.recording_id} accepted and queued")
+    if wait <= 0:
+        return
+    deadline = time.monotonic() + wait
+    while True:
+        with transaction(svc.sessions) as session:
+            recording = session.scalars(
+                select(Recording).where(Recording.recording_id == sent.recording_id)
+            ).one_or_none()
+        state = recording.status if recording else "missing"
+        if recording is not None and recording.status == Status.ARCHIVED:
+            click.echo(
+                f"archived as {recording.archive_key} ({recording.archive_size} bytes, "
+                f"sha256 {recording.archive_sha256})"
+            )
+            return
+        if state == Status.FAILED or time.monotonic() > deadline:
+            error = recording.last_error if recording else "no such recording in DATABASE_URL"
+            raise click.ClickException(
+                f"not archived: {state} ({error}); is `webhook worker` running?"
+            )
+        time.sleep(0.5)
 
 
 @cli.command("requeue")

@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import and_, delete, exists, or_, update
 from sqlalchemy.orm import Session
 
-from webhook.config import archive_prefix
 from webhook.db import rowcount, transaction
 from webhook.errors import APIError, PlivoError
 from webhook.models import ConferenceClaim, Recording, Status, utcnow
@@ -155,7 +154,6 @@ def start_recording(svc: Services, name: str, file_format: str, started_by: str)
             record_url=started.get("url"),
             members=members,
             started_by=started_by,
-            key_prefix=archive_prefix(settings.archive_url),
             # Not among Retrieve Conference's documented fields: taken if Plivo ever sends it.
             conference_uuid=conference.get("conference_uuid") or None,
         )

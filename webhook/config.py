@@ -11,9 +11,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
 PLIVO_MEDIA_HOSTS = ("media.plivo.com",)
 DEFAULT_RECORDING_HOSTS = (*PLIVO_MEDIA_HOSTS, "s3.amazonaws.com")
 OBJECT_LOCK_MODES = ("GOVERNANCE", "COMPLIANCE")
+S3_BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 
 
 class ConfigError(ValueError):
@@ -37,7 +41,13 @@ def normalise_database_url(url: str) -> str:
     return url
 
 
-def _int(env: Mapping[str, str], name: str, default: int | None, minimum: int = 0) -> int | None:
+def _int(
+    env: Mapping[str, str],
+    name: str,
+    default: int | None,
+    minimum: int = 0,
+    maximum: int | None = None,
+) -> int | None:
     raw = env.get(name, "").strip()
     if not raw:
         return default
@@ -47,11 +57,99 @@ def _int(env: Mapping[str, str], name: str, default: int | None, minimum: int = 
         raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
     if value < minimum:
         raise ConfigError(f"{name} must be at least {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{name} must be at most {maximum}, got {value}")
     return value
 
 
 def _hosts(raw: str) -> tuple[str, ...]:
     return tuple(h.strip().lower() for h in raw.split(",") if h.strip())
+
+
+def _check_archive_url(url: str, on_dyno: bool) -> None:
+    """Refuse an ARCHIVE_URL that would put recordings anywhere but where the operator meant."""
+    parts = urlsplit(url)
+    if parts.scheme == "s3":
+        if not parts.netloc:
+            raise ConfigError(f"ARCHIVE_URL {url!r} names no bucket; write s3://BUCKET/PREFIX")
+        if parts.query or parts.fragment:
+            raise ConfigError("ARCHIVE_URL must be s3://BUCKET/PREFIX, without ? or #")
+        if not S3_BUCKET_NAME.match(parts.netloc):
+            raise ConfigError(
+                f"ARCHIVE_URL names bucket {parts.netloc!r}, which is not an S3 bucket name "
+                "(3 to 63 lowercase letters, digits, dots and hyphens)"
+            )
+        return
+    if parts.scheme == "file":
+        if parts.netloc or not parts.path.startswith("/"):
+            raise ConfigError(
+                f"ARCHIVE_URL {url!r} is not an absolute folder; write file:///absolute/path"
+            )
+        if on_dyno:
+            raise ConfigError(
+                "ARCHIVE_URL is a local folder, which a platform dyno loses on restart; "
+                "set it to s3://BUCKET/PREFIX"
+            )
+        return
+    if not parts.scheme:
+        raise ConfigError(
+            f"ARCHIVE_URL {url!r} has no scheme; write s3://{url.strip('/')} for a bucket "
+            f"or file:///absolute/path for a folder"
+        )
+    raise ConfigError(
+        f"ARCHIVE_URL must be s3://BUCKET/PREFIX or file:///absolute/path, not {parts.scheme}:"
+    )
+
+
+def _check_database_url(url: str, on_dyno: bool) -> None:
+    try:
+        backend = make_url(url).get_backend_name()
+    except ArgumentError:
+        raise ConfigError(
+            "DATABASE_URL is not a database URL; write postgres://USER:PASSWORD@HOST/NAME"
+        ) from None
+    if backend not in ("postgresql", "sqlite"):
+        raise ConfigError(
+            f"DATABASE_URL must be a PostgreSQL (postgres://) or SQLite URL, not {backend}"
+        )
+    if backend == "sqlite" and on_dyno:
+        raise ConfigError(
+            "DATABASE_URL is SQLite, which a platform dyno loses on restart and does not share "
+            "between web and worker; attach PostgreSQL (postgres://...)"
+        )
+
+
+def _http_url(env: Mapping[str, str], name: str, default: str | None) -> str | None:
+    """An absolute http(s) base URL with a host, without a trailing slash, query or fragment."""
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    parts = urlsplit(raw)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(
+            f"{name} must be an absolute URL such as https://archive.example.com, got {raw!r}"
+        )
+    if parts.query or parts.fragment:
+        raise ConfigError(f"{name} must be a base URL without ? or #, got {raw!r}")
+    try:
+        parts.port  # noqa: B018 - parsing the port is the check
+    except ValueError:
+        raise ConfigError(f"{name} has a bad port: {raw!r}") from None
+    return raw.rstrip("/")
+
+
+def _check_hosts(hosts: tuple[str, ...]) -> None:
+    for host in hosts:
+        bare = host.removeprefix("*.")
+        # One colon is host:port; an IPv6 address (::1) has several.
+        if "/" in bare or "*" in bare or " " in bare or bare.count(":") == 1:
+            raise ConfigError(
+                f"RECORDING_HOSTS lists host names only (media.plivo.com, *.example.com), "
+                f"not {host!r}"
+            )
+
+
+MIN_METRICS_TOKEN = 16
 
 
 @dataclass(frozen=True)
@@ -93,6 +191,8 @@ class Settings:
     delete_from_plivo_after_days: float | None = None
     transcription: str = "off"
     member_poll_seconds: int = 60
+    metrics_token: str | None = None
+    archive_kms_key_id: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], instance_path: str) -> Settings:
@@ -103,23 +203,46 @@ class Settings:
         retention = _int(env, "RETENTION_DAYS", None, minimum=1)
         if (retention is None) != (lock_mode is None):
             raise ConfigError("RETENTION_DAYS and OBJECT_LOCK_MODE are set together or not at all")
-        if env.get("DYNO") and not (env.get("DATABASE_URL") and env.get("ARCHIVE_URL")):
+        on_dyno = bool(env.get("DYNO"))
+        if on_dyno and not (env.get("DATABASE_URL") and env.get("ARCHIVE_URL")):
             # On Heroku the instance folder is per-dyno and wiped on restart: web and worker
             # would each keep their own database and archive, and lose both.
             raise ConfigError("DATABASE_URL and ARCHIVE_URL must be set on a platform dyno")
         default_db = "sqlite:///" + str(Path(instance_path) / "webhook.sqlite3")
         default_archive = "file://" + str(Path(instance_path) / "archive")
-        public_url = env.get("PUBLIC_URL", "").strip().rstrip("/") or None
+        database_url = normalise_database_url(env.get("DATABASE_URL", "").strip() or default_db)
+        _check_database_url(database_url, on_dyno)
+        archive_url = env.get("ARCHIVE_URL", "").strip() or default_archive
+        _check_archive_url(archive_url, on_dyno)
+        if lock_mode and not archive_url.startswith("s3:"):
+            raise ConfigError("OBJECT_LOCK_MODE needs an S3 archive; set ARCHIVE_URL=s3://...")
+        recording_hosts = _hosts(hosts_raw)
+        _check_hosts(recording_hosts)
+        auth_id = env.get("PLIVO_AUTH_ID", "").strip() or None
+        auth_token = env.get("PLIVO_AUTH_TOKEN", "").strip() or None
+        if auth_id and not auth_token:
+            raise ConfigError("PLIVO_AUTH_ID is set without PLIVO_AUTH_TOKEN; set both")
+        metrics_token = env.get("METRICS_TOKEN", "").strip() or None
+        if metrics_token is not None and len(metrics_token) < MIN_METRICS_TOKEN:
+            raise ConfigError(
+                f"METRICS_TOKEN must be at least {MIN_METRICS_TOKEN} characters "
+                "(for example: python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+            )
+        public_url = _http_url(env, "PUBLIC_URL", None)
+        kms_key_id = env.get("ARCHIVE_KMS_KEY_ID", "").strip() or None
+        if kms_key_id and not archive_url.startswith("s3:"):
+            raise ConfigError("ARCHIVE_KMS_KEY_ID needs an S3 archive; set ARCHIVE_URL=s3://...")
         return cls(
-            database_url=normalise_database_url(env.get("DATABASE_URL") or default_db),
-            archive_url=env.get("ARCHIVE_URL") or default_archive,
-            plivo_auth_id=env.get("PLIVO_AUTH_ID") or None,
-            plivo_auth_token=env.get("PLIVO_AUTH_TOKEN") or None,
-            plivo_main_auth_token=env.get("PLIVO_MAIN_AUTH_TOKEN") or None,
-            plivo_api_url=(env.get("PLIVO_API_URL") or "https://api.plivo.com").rstrip("/"),
+            database_url=database_url,
+            archive_url=archive_url,
+            plivo_auth_id=auth_id,
+            plivo_auth_token=auth_token,
+            plivo_main_auth_token=env.get("PLIVO_MAIN_AUTH_TOKEN", "").strip() or None,
+            plivo_api_url=_http_url(env, "PLIVO_API_URL", "https://api.plivo.com")
+            or "https://api.plivo.com",
             public_url=public_url,
-            recording_hosts=_hosts(hosts_raw) or DEFAULT_RECORDING_HOSTS,
-            recording_hosts_listed=bool(_hosts(hosts_raw)),
+            recording_hosts=recording_hosts or DEFAULT_RECORDING_HOSTS,
+            recording_hosts_listed=bool(recording_hosts),
             retention_days=retention,
             object_lock_mode=lock_mode,
             archive_lease_seconds=_int(env, "ARCHIVE_LEASE_SECONDS", 600, minimum=5) or 600,
@@ -127,7 +250,7 @@ class Settings:
             archive_max_attempts=_int(env, "ARCHIVE_MAX_ATTEMPTS", 8, minimum=1) or 8,
             reconcile_interval_seconds=_int(env, "RECONCILE_INTERVAL_SECONDS", 3600) or 0,
             max_callback_bytes=_int(env, "MAX_CALLBACK_BYTES", 64 * 1024, minimum=1024) or 65536,
-            presign_seconds=min(_int(env, "PRESIGN_SECONDS", 60, minimum=1) or 60, 300),
+            presign_seconds=_int(env, "PRESIGN_SECONDS", 60, minimum=1, maximum=300) or 60,
             console_idle_minutes=_console_idle_minutes(env),
             trusted_proxy_hops=_trusted_proxy_hops(env),
             media_max_bytes=_int(env, "MEDIA_MAX_BYTES", 2 * 1024**3, minimum=1024) or 0,
@@ -141,6 +264,8 @@ class Settings:
             **_policy(env, public_url),
             transcription=_transcription(env),
             member_poll_seconds=_int(env, "MEMBER_POLL_SECONDS", 60) or 0,
+            metrics_token=metrics_token,
+            archive_kms_key_id=kms_key_id,
         )
 
     def replace(self, **changes: Any) -> Settings:
@@ -158,10 +283,8 @@ MAX_PROXY_HOPS = 5
 def _trusted_proxy_hops(env: Mapping[str, str]) -> int:
     """How many proxies in front of the service append to X-Forwarded-For: the client address is
     the one the outermost trusted proxy saw. None off-platform; on a dyno, the platform router."""
-    hops = _int(env, "TRUSTED_PROXY_HOPS", 1 if env.get("DYNO") else 0) or 0
-    if hops > MAX_PROXY_HOPS:
-        raise ConfigError(f"TRUSTED_PROXY_HOPS must be at most {MAX_PROXY_HOPS}, got {hops}")
-    return hops
+    default = 1 if env.get("DYNO") else 0
+    return _int(env, "TRUSTED_PROXY_HOPS", default, maximum=MAX_PROXY_HOPS) or 0
 
 
 NOTICE_VOICES = ("WOMAN", "MAN")
@@ -186,7 +309,10 @@ def _policy(env: Mapping[str, str], public_url: str | None) -> dict[str, Any]:
     """The recording policy settings: auto-record, the recording notice, deletion from Plivo."""
     patterns = tuple(p.strip() for p in env.get("AUTO_RECORD", "").split(",") if p.strip())
     if patterns and not public_url:
-        raise ConfigError("AUTO_RECORD needs PUBLIC_URL, so Plivo can call back when it ends")
+        raise ConfigError(
+            "AUTO_RECORD needs PUBLIC_URL, so Plivo can call back when a recording ends; "
+            "set PUBLIC_URL=https://..."
+        )
     text = env.get("RECORDING_NOTICE_TEXT", "").strip() or None
     url = env.get("RECORDING_NOTICE_URL", "").strip() or None
     if text and url:
@@ -198,10 +324,15 @@ def _policy(env: Mapping[str, str], public_url: str | None) -> dict[str, Any]:
     if url is not None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigError("RECORDING_NOTICE_URL must be an http(s) URL of an mp3 or wav file")
+            raise ConfigError(
+                "RECORDING_NOTICE_URL must be an absolute http(s) URL of an mp3 or wav file, "
+                f"such as https://example.com/notice.mp3, got {url!r}"
+            )
     voice = env.get("RECORDING_NOTICE_VOICE", "").strip().upper() or "WOMAN"
     if voice not in NOTICE_VOICES:
-        raise ConfigError(f"RECORDING_NOTICE_VOICE must be one of {', '.join(NOTICE_VOICES)}")
+        raise ConfigError(
+            f"RECORDING_NOTICE_VOICE must be one of {', '.join(NOTICE_VOICES)}, got {voice!r}"
+        )
     language = env.get("RECORDING_NOTICE_LANGUAGE", "").strip() or "en-US"
     if not LANGUAGE.match(language):
         raise ConfigError(f"RECORDING_NOTICE_LANGUAGE must look like en-US, got {language!r}")

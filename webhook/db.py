@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
@@ -10,7 +11,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from flask import current_app, g
 from sqlalchemy import CursorResult, Engine, Result, create_engine, event
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError, ProgrammingError
 from sqlalchemy.orm import Session, sessionmaker
 
 if TYPE_CHECKING:
@@ -131,11 +132,27 @@ def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
         yield session
 
 
+NOT_MIGRATED = "the database is not migrated to this version of the service"
+UPGRADE_HINT = "run `webhook db upgrade` (the Procfile's release phase does it on each deploy)"
+# PostgreSQL's undefined_table and undefined_column; SQLite says so in words.
+_SCHEMA_SQLSTATES = ("42P01", "42703")
+_SCHEMA_MESSAGES = ("no such table", "no such column", "has no column named")
+
+
+def is_schema_missing(exc: BaseException) -> bool:
+    """Whether a database error means a table or column is missing: migrations not applied."""
+    if not isinstance(exc, ProgrammingError | OperationalError):
+        return False
+    if getattr(exc.orig, "sqlstate", None) in _SCHEMA_SQLSTATES:
+        return True
+    return str(exc.orig).lower().startswith(_SCHEMA_MESSAGES)
+
+
 def is_disconnect(exc: BaseException) -> bool:
     """Whether a database error means the database could not be reached (retry later)."""
     if isinstance(exc, DBAPIError) and exc.connection_invalidated:
         return True
-    return isinstance(exc, OperationalError)
+    return isinstance(exc, OperationalError) and not is_schema_missing(exc)
 
 
 def describe_error(exc: DBAPIError) -> str:
@@ -182,6 +199,31 @@ def alembic_config(database_url: str) -> AlembicConfig:
     # ConfigParser interpolation: a literal % in a password must be doubled.
     config.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
     return config
+
+
+@functools.cache
+def head_revision() -> str | None:
+    """The newest migration in `migrations/`."""
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory(str(migrations_folder())).get_current_head()
+
+
+def current_revision(engine: Engine) -> str | None:
+    """The migration the database is at (None: never migrated); raises DBAPIError if down."""
+    from alembic.runtime.migration import MigrationContext
+
+    with engine.connect() as connection:
+        return MigrationContext.configure(connection).get_current_revision()
+
+
+def migrations_pending(engine: Engine) -> str | None:
+    """None when the database is at the newest migration, else a sentence saying where it is."""
+    current, head = current_revision(engine), head_revision()
+    if current == head:
+        return None
+    found = "has no migrations applied" if current is None else f"is at revision {current}"
+    return f"the database {found}, the service needs {head}; {UPGRADE_HINT}"
 
 
 def upgrade(database_url: str, revision: str = "head") -> None:

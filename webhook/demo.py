@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import secrets
+import signal
 import struct
 import threading
 import time
@@ -196,6 +197,10 @@ def run_demo(port: int, serve: bool, instance_path: str | None = None) -> bool:
     if not serve:
         _close(svc, server, staff_name)
         return exact
+    stop = threading.Event()
+    # SIGTERM (a terminal closed, `kill`, a process manager) ends the demo as Ctrl-C does, so the
+    # token is revoked either way.
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: stop.set())
     click.echo(
         f"\nThe service keeps running at {base} with its worker. An admin token for you"
         " (revoked when the demo stops):\n"
@@ -203,7 +208,6 @@ def run_demo(port: int, serve: bool, instance_path: str | None = None) -> bool:
         f"or sign in to the staff console at {base}/console/ with it.\n"
         "Press Ctrl-C to stop."
     )
-    stop = threading.Event()
     try:
         Worker(svc, stop).run()
     except KeyboardInterrupt:

@@ -10,7 +10,7 @@ from flask import Flask, Response, jsonify
 from sqlalchemy.exc import DBAPIError
 from werkzeug.exceptions import HTTPException
 
-from webhook.db import describe_error, is_disconnect
+from webhook.db import NOT_MIGRATED, UPGRADE_HINT, describe_error, is_disconnect, is_schema_missing
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,15 @@ def error_response(status: int, code: str, message: str) -> Response:
     return response
 
 
+def not_migrated_response() -> Response:
+    """503 saying the schema is missing, and what the operator runs to fix it."""
+    response = error_response(
+        503, "database_not_migrated", f"The service is not ready: {NOT_MIGRATED}; {UPGRADE_HINT}"
+    )
+    response.headers["Retry-After"] = "30"
+    return response
+
+
 def _code_for(exc: HTTPException) -> str:
     return re.sub(r"[^a-z0-9]+", "_", (exc.name or "error").lower()).strip("_")
 
@@ -65,6 +74,9 @@ def init_app(app: Flask) -> None:
 
     @app.errorhandler(DBAPIError)
     def _database_error(exc: DBAPIError) -> Response:
+        if is_schema_missing(exc):
+            log.error("%s; %s", NOT_MIGRATED, UPGRADE_HINT, extra={"error": describe_error(exc)})
+            return not_migrated_response()
         if is_disconnect(exc):
             log.warning("database unavailable", extra={"error": describe_error(exc)})
             response = error_response(

@@ -11,6 +11,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -114,6 +115,8 @@ class Recording(Base):
     archive_mismatch: Mapped[str | None] = mapped_column(Text)
     # Plivo's id of the conference's run: a name is reused every day, this is not.
     conference_uuid: Mapped[str | None] = mapped_column(String(64))
+    # How long archiving took (download, upload and check), for the archive-duration metric.
+    archive_seconds: Mapped[float | None] = mapped_column(Float)
 
     participants: Mapped[list[Participant]] = relationship(
         back_populates="recording", order_by="Participant.id", cascade="all, delete-orphan"
@@ -251,11 +254,22 @@ class Staff(Base):
     __tablename__ = "staff"
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
-    name: Mapped[str] = mapped_column(String(64), unique=True)
+    name: Mapped[str] = mapped_column(String(64))
     role: Mapped[str] = mapped_column(String(16))
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     revoked_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+
+    __table_args__ = (
+        # A name belongs to one active member; once revoked it may be given again.
+        Index(
+            "uq_staff_active_name",
+            "name",
+            unique=True,
+            postgresql_where=text("revoked_at IS NULL"),
+            sqlite_where=text("revoked_at IS NULL"),
+        ),
+    )
 
 
 class AuditEvent(Base):
@@ -504,3 +518,13 @@ class MemberEvent(Base):
     event_key: Mapped[str] = mapped_column(String(64))
 
     __table_args__ = (UniqueConstraint("event_key", name="uq_member_events_event_key"),)
+
+
+class CallbackRefusal(Base):
+    """How many callbacks were refused, per reason and minute (refusals store nothing else)."""
+
+    __tablename__ = "callback_refusals"
+
+    minute: Mapped[dt.datetime] = mapped_column(UTCDateTime, primary_key=True)
+    reason: Mapped[str] = mapped_column(String(64), primary_key=True)
+    count: Mapped[int] = mapped_column(Integer)

@@ -349,7 +349,8 @@ SCHEMAS: dict[str, Any] = {
             "status": {"type": "string", "enum": ["ok", "unavailable"]},
             "checks": {
                 "type": "object",
-                "description": "ok or unavailable per check; why a check failed is logged",
+                "description": "ok or unavailable per check (database, migrated to the newest "
+                "revision; archive; callbacks, configured); why a check failed is logged",
                 "additionalProperties": {"type": "string", "enum": ["ok", "unavailable"]},
             },
             "details": {
@@ -649,7 +650,8 @@ def openapi_document() -> dict[str, Any]:
             "/healthz": {
                 "get": {
                     "tags": ["meta"],
-                    "summary": "Whether the database and the archive answer",
+                    "summary": "Whether the database (migrated to head) and the archive answer "
+                    "and callbacks are configured",
                     "security": [],
                     "responses": {
                         "200": _json("Healthy", _ref("Health")),
@@ -669,6 +671,48 @@ def openapi_document() -> dict[str, Any]:
                         "200": {"description": "The search page", "content": {"text/html": {}}},
                         "302": {"description": "Not signed in: to /console/sign-in"},
                         "503": {"description": "The access could not be audited"},
+                    },
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "tags": ["meta"],
+                    "summary": "Prometheus metrics (recordings by state, archive lag, attempts, "
+                    "callbacks by outcome and reason, archive duration and bytes)",
+                    "description": "Needs `Authorization: Bearer $METRICS_TOKEN`; 404 when "
+                    "METRICS_TOKEN is not set.",
+                    "security": [],
+                    "responses": {
+                        "200": {
+                            "description": "Prometheus text exposition format",
+                            "content": {"text/plain": {"schema": {"type": "string"}}},
+                        },
+                        "401": _error("No METRICS_TOKEN bearer token"),
+                        "404": _error("Metrics are off (no METRICS_TOKEN)"),
+                        "503": _error("The database is unavailable"),
+                    },
+                }
+            },
+            "/test-audio/{recording_id}.wav": {
+                "get": {
+                    "tags": ["meta"],
+                    "summary": "The audio of `webhook send-test-callback`'s test recordings "
+                    "(one second of silence)",
+                    "security": [],
+                    "parameters": [
+                        {
+                            "name": "recording_id",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "string", "maxLength": 64},
+                        }
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": "A WAV file",
+                            "content": {"audio/wav": {"schema": {"type": "string"}}},
+                        },
+                        "404": _error("Not a test recording's name"),
                     },
                 }
             },

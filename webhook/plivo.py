@@ -183,6 +183,10 @@ class PlivoClient:
             timeout=self.lookup_timeout,
         )
 
+    def check_credentials(self) -> None:
+        """Raise PlivoError unless Plivo accepts the credentials (one small, read-only call)."""
+        self._call("GET", "Recording/", params={"limit": 1})
+
     def iter_recordings(self, **filters: str) -> Iterator[dict[str, Any]]:
         """Every recording matching the filters, following Plivo's pages (20 a page at most)."""
         offset = 0

@@ -163,13 +163,14 @@ def insert_ignoring_conflict(session: Session, model: type[Any], values: dict[st
 
 
 def record_report(
-    session: Session, report: RecordingReport, key_prefix: str, now: dt.datetime | None = None
+    session: Session, report: RecordingReport, now: dt.datetime | None = None
 ) -> bool:
     """Store a finished recording and queue its archiving; False when it was already reported.
 
     The row is the queue entry, so the metadata and the job are committed together. A row that
     exists in state `recording` (started through our API) moves to `pending`; any later state means
-    a duplicate, which changes nothing.
+    a duplicate, which changes nothing. The archive key is left to the worker that writes the
+    object, so it follows that worker's own ARCHIVE_URL.
     """
     now = now or utcnow()
     start_ms = report.start_ms
@@ -197,9 +198,6 @@ def record_report(
             "conference_uuid": report.conference_uuid,
             "api_id": report.api_id,
             "start_ms": start_ms,
-            "archive_key": archive_key(
-                key_prefix, report.recording_id, start_ms, report.file_format
-            ),
             "attempts": 0,
             "legal_hold": False,
             "created_at": now,
@@ -213,12 +211,6 @@ def record_report(
     changes: dict[str, Any] = dict(reported)
     if report.start_ms is not None:
         changes["start_ms"] = report.start_ms
-    changes["archive_key"] = archive_key(
-        key_prefix,
-        report.recording_id,
-        changes.get("start_ms", existing.start_ms),
-        report.file_format,
-    )
     if existing.conference_name is None and report.conference_name:
         changes["conference_name"] = report.conference_name
     if existing.api_id is None and report.api_id:
@@ -246,7 +238,6 @@ def record_start(
     record_url: str | None,
     members: list[Mapping[str, Any]],
     started_by: str,
-    key_prefix: str,
     conference_uuid: str | None = None,
 ) -> Recording:
     """Store a recording just started through Plivo's API, with its conference's members."""
@@ -265,7 +256,6 @@ def record_start(
             "record_url": record_url,
             "file_format": file_format,
             "start_ms": start_ms,
-            "archive_key": archive_key(key_prefix, recording_id, start_ms, file_format),
             "status": Status.RECORDING,
             "attempts": 0,
             "legal_hold": False,

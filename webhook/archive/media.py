@@ -35,6 +35,7 @@ from urllib3.util import parse_url
 
 from webhook.archive.storage import Interrupted
 from webhook.config import PLIVO_MEDIA_HOSTS, Settings
+from webhook.testcall import is_test_audio_url
 
 MAX_REDIRECTS = 5
 CONNECT_TIMEOUT = 5.0
@@ -186,6 +187,7 @@ def check_url(url: str, settings: Settings) -> Target:
     Refused: schemes other than http(s), URLs carrying credentials, hosts RECORDING_HOSTS does
     not list, malformed host names, and hosts resolving to a private, loopback or link-local
     address unless that very host was listed in RECORDING_HOSTS (as the tests list 127.0.0.1).
+    The one exception is this service's own test audio at PUBLIC_URL (`is_test_audio_url`).
     """
     try:
         parts = parse_url(url)
@@ -199,7 +201,10 @@ def check_url(url: str, settings: Settings) -> Target:
     host = (parts.host or "").lower()
     if not host:
         raise RefusedURL("record_url has no host")
-    if not host_allowed(host, settings):
+    # `webhook send-test-callback`'s audio, served by this service at the PUBLIC_URL the
+    # operator set: as if that host were listed in RECORDING_HOSTS, for that one path only.
+    test_audio = is_test_audio_url(url, settings)
+    if not test_audio and not host_allowed(host, settings):
         raise RefusedURL(f"record_url host {host} is not in RECORDING_HOSTS")
     literal = _ip_literal(host)
     if literal is None:
@@ -207,7 +212,9 @@ def check_url(url: str, settings: Settings) -> Target:
         _check_host_name(host)
     port = parts.port or (443 if scheme == "https" else 80)
     addresses = [literal] if literal is not None else _resolve(host, port)
-    listed_explicitly = settings.recording_hosts_listed and host in settings.recording_hosts
+    listed_explicitly = test_audio or (
+        settings.recording_hosts_listed and host in settings.recording_hosts
+    )
     if not listed_explicitly:
         for address in addresses:
             if not _is_public(address):

@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select, update
 
-from webhook.config import archive_prefix
 from webhook.db import transaction
 from webhook.errors import BadParameter
 from webhook.members import refresh_recording
@@ -85,7 +84,6 @@ def _queue_listed(
     warn: Callable[[str], None],
 ) -> None:
     """Queue what one listing of Plivo's recordings holds that the archive lacks."""
-    prefix = archive_prefix(svc.settings.archive_url)
     for details in svc.plivo.iter_recordings(**filters):
         result.seen += 1
         progress()
@@ -99,7 +97,7 @@ def _queue_listed(
             warn(f"skipped {details.get('recording_id')}: {exc.message}")
             continue
         with transaction(svc.sessions) as session:
-            result.queued += record_report(session, report, prefix)
+            result.queued += record_report(session, report)
             refresh_recording(session, report.recording_id)
 
 

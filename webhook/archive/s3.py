@@ -31,11 +31,15 @@ if TYPE_CHECKING:
 class S3Storage:
     """An S3 bucket (or any S3-compatible store via AWS_ENDPOINT_URL, which boto3 reads itself)."""
 
-    def __init__(self, bucket: str, object_lock_mode: str | None = None) -> None:
+    def __init__(
+        self, bucket: str, object_lock_mode: str | None = None, kms_key_id: str | None = None
+    ) -> None:
         self.bucket = bucket
         self.object_lock_mode = object_lock_mode
+        self.kms_key_id = kms_key_id
         self.description = f"s3://{bucket}"
-        self.client: S3Client = boto3.session.Session().client(
+        self.session = boto3.session.Session()
+        self.client: S3Client = self.session.client(
             "s3",
             config=Config(
                 # SigV4 presigned links carry their own short expiry (X-Amz-Expires).
@@ -71,6 +75,8 @@ class S3Storage:
             "ChecksumAlgorithm": "SHA256",
             "ContentType": content_type,
         }
+        if self.kms_key_id:
+            extra.update(ServerSideEncryption="aws:kms", SSEKMSKeyId=self.kms_key_id)
         if self.object_lock_mode and retain_until is not None:
             extra["ObjectLockMode"] = self.object_lock_mode
             extra["ObjectLockRetainUntilDate"] = retain_until
@@ -88,6 +94,8 @@ class S3Storage:
             raise StorageError(
                 f"S3 holds {head['ContentLength']} bytes for {key}, {reader.size} were sent"
             )
+        if self.kms_key_id and head.get("ServerSideEncryption") != "aws:kms":
+            raise StorageError(f"S3 did not encrypt {key} with ARCHIVE_KMS_KEY_ID")
         reported = head.get("ChecksumSHA256")
         if reported is not None and reported not in reader.s3_checksums():
             raise StorageError(f"S3's SHA-256 for {key} does not match the bytes sent")
@@ -145,6 +153,42 @@ class S3Storage:
             raise StorageError(f"bucket {self.bucket} cannot be reached: {exc}") from exc
         except BotoCoreError as exc:
             raise StorageError(f"bucket {self.bucket} cannot be reached: {exc}") from exc
+
+    def check_kms_key(self, probe_key: str) -> None:
+        """ARCHIVE_KMS_KEY_ID names an enabled key, and S3 encrypted `probe_key` with it."""
+        assert self.kms_key_id is not None
+        try:
+            kms = self.session.client("kms", config=Config(connect_timeout=5, read_timeout=30))
+            key = kms.describe_key(KeyId=self.kms_key_id)["KeyMetadata"]
+            head = self.client.head_object(Bucket=self.bucket, Key=probe_key)
+        except (BotoCoreError, ClientError) as exc:
+            raise StorageError(
+                f"ARCHIVE_KMS_KEY_ID {self.kms_key_id} is not usable: {exc}"
+            ) from exc
+        if not key.get("Enabled") or key.get("KeyState") != "Enabled":
+            raise StorageError(
+                f"ARCHIVE_KMS_KEY_ID {self.kms_key_id} is {key.get('KeyState', 'not enabled')}"
+            )
+        used = head.get("SSEKMSKeyId", "")
+        if head.get("ServerSideEncryption") != "aws:kms" or used not in (
+            key.get("Arn"),
+            key.get("KeyId"),
+            self.kms_key_id,
+        ):
+            raise StorageError(f"S3 encrypted the probe object with {used or 'another key'}")
+
+    def remove_probe(self, key: str) -> None:
+        """Delete every version of `webhook check`'s probe object (never a recording's key)."""
+        try:
+            listed = self.client.list_object_versions(Bucket=self.bucket, Prefix=key)
+            for entry in [*listed.get("Versions", []), *listed.get("DeleteMarkers", [])]:
+                if entry.get("Key") == key:
+                    self.client.delete_object(
+                        Bucket=self.bucket, Key=key, VersionId=entry["VersionId"]
+                    )
+        except ClientError:
+            # A bucket that locks every object by default keeps the few bytes of the probe.
+            return
 
     def set_legal_hold(self, key: str, version_id: str | None, on: bool) -> None:
         params: dict[str, Any] = {

@@ -171,7 +171,7 @@ def open_storage(settings: Settings) -> Storage:
         # Imported here: boto3 takes a while to import and is needed only for an S3 archive.
         from webhook.archive.s3 import S3Storage
 
-        return S3Storage(parts.netloc, settings.object_lock_mode)
+        return S3Storage(parts.netloc, settings.object_lock_mode, settings.archive_kms_key_id)
     if parts.scheme in ("file", ""):
         path = (
             unquote(parts.netloc + parts.path) if parts.scheme == "file" else settings.archive_url

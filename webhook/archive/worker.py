@@ -26,11 +26,25 @@ from webhook.archive.members import DETAILS_INTERVAL_SECONDS, fill_member_detail
 from webhook.archive.reconcile import reconcile
 from webhook.archive.storage import HashingReader, Interrupted, StorageError, StoredObject
 from webhook.archive.transcripts import archive_transcripts
-from webhook.db import rowcount, transaction
+from webhook.config import archive_prefix
+from webhook.db import (
+    NOT_MIGRATED,
+    UPGRADE_HINT,
+    describe_error,
+    is_schema_missing,
+    rowcount,
+    transaction,
+)
 from webhook.errors import BadParameter, PlivoError
 from webhook.members import refresh_recording
 from webhook.models import Recording, Schedule, Status, utcnow
-from webhook.recordings import EPOCH_MS_RANGE, MAX_DURATION_MS, insert_ignoring_conflict, parse_ms
+from webhook.recordings import (
+    EPOCH_MS_RANGE,
+    MAX_DURATION_MS,
+    archive_key,
+    insert_ignoring_conflict,
+    parse_ms,
+)
 
 if TYPE_CHECKING:
     from webhook import Services
@@ -166,13 +180,26 @@ class Worker:
                     Recording.duration_ms,
                 )
             ).one_or_none()
-        if row is None:
-            return None
+            if row is None:
+                return None
+            key = row.archive_key
+            if key is None:
+                # The worker that writes the object names it, from its own ARCHIVE_URL, once:
+                # later attempts (and rows keyed before this rule) keep the key on the row.
+                key = archive_key(
+                    archive_prefix(self.settings.archive_url),
+                    row.recording_id,
+                    row.start_ms,
+                    row.file_format or "mp3",
+                )
+                session.execute(
+                    update(Recording).where(Recording.id == row.id).values(archive_key=key)
+                )
         return Job(
             id=row.id,
             recording_id=row.recording_id,
             record_url=row.record_url,
-            archive_key=row.archive_key,
+            archive_key=key,
             file_format=row.file_format,
             lease_token=token,
             attempts=row.attempts,
@@ -276,6 +303,7 @@ class Worker:
             retain_until=self._retain_until(job),
             last_error=None,
             next_attempt_at=None,
+            archive_seconds=round(time.perf_counter() - started, 3),
         )
         if marked:
             self.archive_transcripts(job.recording_id)
@@ -428,7 +456,13 @@ class Worker:
                 db_failures = 0
             except DBAPIError as exc:
                 db_failures += 1
-                log.warning("database unavailable: %s", exc.orig)
+                if is_schema_missing(exc):
+                    # Retried too: the release phase may be migrating right now.
+                    log.error(
+                        "%s; %s", NOT_MIGRATED, UPGRADE_HINT, extra={"error": describe_error(exc)}
+                    )
+                else:
+                    log.warning("database unavailable: %s", exc.orig)
                 if once and db_failures >= 5:
                     raise
                 self.stop.wait(min(2.0**db_failures, 30.0))
