@@ -92,7 +92,7 @@ def queue(url: str, media_base: str, content: str, ids: list[str], size: int) ->
                         30_000,
                     )
                 )
-                record_report(session, report, "x/")
+                record_report(session, report)
     finally:
         engine.dispose()
 

@@ -244,7 +244,6 @@ def test_an_end_learnt_from_the_recording_api_recomputes_the_participants(app, p
                 conference_name=ROOM,
                 start_ms=int(start.timestamp() * 1000),
             ),
-            "",
             now=arrived,
         )
         record_member_event(

@@ -77,7 +77,6 @@ def finish(
                 end_ms=ms(end),
                 conference_uuid=conference_uuid,
             ),
-            "",
             now=end,
         )
         refresh_recording(session, recording_id)

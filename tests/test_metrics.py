@@ -105,7 +105,7 @@ def test_numbers_follow_callbacks_archiving_failures_and_refusals(
         assert client.post("/plivo/recording", data=forged, headers=headers).status_code == 403
     assert client.post("/plivo/recording", data=forged).status_code == 403  # unsigned
     # A Conference XML member event on the same callback URL: logged as its own kind.
-    member = {"ConferenceAction": "enter", "ConferenceName": "Room 1", "CallUUID": "call-1"}
+    member = {"ConferenceAction": "digits", "ConferenceName": "Room 1", "CallUUID": "call-1"}
     assert post_callback(client, plivo, member).json["status"] == "ignored"
     waiting = scrape(client)
     assert waiting[("webhook_recordings", status("pending"))] == 3

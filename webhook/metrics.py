@@ -245,6 +245,10 @@ def count_refusal(response: Response) -> Response:
         return response
     body = response.get_json(silent=True)
     reason = str(body.get("error", "")) if isinstance(body, dict) else ""
+    if reason == "database_unavailable":
+        # Nothing can be counted in a database that cannot be reached, and trying would hold
+        # the answer Plivo waits for by another timeout.
+        return response
     reason = (reason or f"http_{response.status_code}")[:64]
     minute = utcnow().replace(second=0, microsecond=0)
     engine = services(current_app).engine
