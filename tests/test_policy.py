@@ -11,16 +11,18 @@ from typing import Any
 
 import pytest
 from flask import Flask
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from tests.conftest import PUBLIC_URL, AppFactory, post_callback, token_for
 from tests.fakeplivo import FakePlivo
 from tests.processes import Process, process_env
 from webhook import services
+from webhook.archive.worker import Worker
 from webhook.conferences import AlreadyRecording, start_recording
 from webhook.config import ConfigError, load
-from webhook.models import ConferenceClaim, Recording, Role, Status
-from webhook.notices import notify_member
+from webhook.db import transaction
+from webhook.models import ConferenceClaim, Recording, Role, Schedule, Status, utcnow
+from webhook.notices import MAX_FAILED_NOTICES, notify_entered, notify_member
 from webhook.policy import AUTO_RECORD_STARTER, auto_record, must_record
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -409,3 +411,46 @@ def test_policy_settings_are_read() -> None:
 def test_policy_misconfiguration_is_refused_naming_the_setting(env, named) -> None:
     with pytest.raises(ConfigError, match=named):
         load("/srv", env)
+
+
+def test_members_who_enter_after_the_start_are_told_by_a_worker_once(
+    make_app: AppFactory, plivo: FakePlivo
+) -> None:
+    app = make_app(RECORDING_NOTICE_TEXT=NOTICE)
+    plivo.add_conference("board")
+    recording_id = start_recording(services(app), "board", "mp3", "ops")
+    assert [n["member_ids"] for n in plivo.notices] == [["1", "2"]]
+    # A caller enters while the conference is recorded; Plivo reports it on the callback URL.
+    entered = plivo.join("board", "+14155550199", "+14155550100", "Late")
+    answer = post_callback(app.test_client(), plivo, entered)
+    assert answer.status_code == 200, answer.get_json()
+
+    worker = Worker(services(app))
+    worker._chores()
+    late = entered["ConferenceMemberID"]
+    assert [n["member_ids"] for n in plivo.notices] == [["1", "2"], [late]]
+    # The next turn tells nobody again: those told at the start are only marked.
+    with transaction(services(app).sessions) as session:
+        session.execute(update(Schedule).values(next_run_at=utcnow()))
+    assert notify_entered(services(app)) == 0
+    assert len(plivo.notices) == 2
+    headers = {"Authorization": f"Bearer {token_for(app, Role.COMPLIANCE)}"}
+    shown = app.test_client().get(f"/api/recordings/{recording_id}", headers=headers).get_json()
+    told = {n["member_id"]: n["outcome"] for n in shown["notices"]}
+    assert told == {"1": "played", "2": "played", late: "played"}
+
+
+def test_a_notice_that_keeps_failing_for_an_entering_member_is_given_up(
+    make_app: AppFactory, plivo: FakePlivo
+) -> None:
+    app = make_app(RECORDING_NOTICE_TEXT=NOTICE)
+    plivo.add_conference("board")
+    start_recording(services(app), "board", "mp3", "ops")
+    entered = plivo.join("board", "+14155550199", "+14155550100")
+    assert post_callback(app.test_client(), plivo, entered).status_code == 200
+    plivo.notice_faults.extend([503] * (MAX_FAILED_NOTICES + 2))
+    for _ in range(MAX_FAILED_NOTICES + 2):
+        assert notify_entered(services(app)) == 0
+    asked = MAX_FAILED_NOTICES + 2 - len(plivo.notice_faults)  # each try met one fault
+    assert asked == MAX_FAILED_NOTICES
+    assert plivo.notices == [n for n in plivo.notices if n["member_ids"] == ["1", "2"]]

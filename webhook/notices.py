@@ -8,12 +8,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import ColumnElement, and_, exists, or_, select
+from sqlalchemy import ColumnElement, Select, and_, exists, or_, select, update
 from sqlalchemy.orm import Session
 
 from webhook.db import transaction
 from webhook.errors import PlivoError
-from webhook.models import Participant, Recording, RecordingNotice, Status, utcnow
+from webhook.models import (
+    ConferenceMember,
+    Participant,
+    Recording,
+    RecordingNotice,
+    Status,
+    utcnow,
+)
 
 if TYPE_CHECKING:
     from webhook import Services
@@ -142,6 +149,75 @@ def notify_member(
     error = _send(svc, conference_name, [member_id])
     _store(svc, recording.id, recording.recording_id, [member], error)
     return FAILED if error else PLAYED
+
+
+# A notice that keeps failing for one member is not asked of Plivo again and again.
+MAX_FAILED_NOTICES = 3
+NOTIFY_ENTERED_EVERY_SECONDS = 5
+
+
+def notify_entered(svc: Services) -> int:
+    """Tell the members who entered a conference after its recording started, as member events
+    and re-reads of the conference report them; how many were told.
+
+    Each member is told once per recording (a member told at the start is only marked), a failed
+    notice is tried again on a later turn, at most MAX_FAILED_NOTICES times. A worker chore:
+    Plivo is asked here, never inside a callback request.
+    """
+    from webhook.members import members_to_notify  # members builds on this module
+
+    if not notice_configured(svc):
+        return 0
+    with transaction(svc.sessions) as session:
+        waiting = [
+            (m.id, m.conference_name, m.member_id, m.call_uuid)
+            for m in members_to_notify(session)
+            if m.member_id
+        ]
+    told = 0
+    for member_pk, conference_name, member_id, call_uuid in waiting:
+        assert member_id is not None
+        if _failed_notices(svc, conference_name, member_id) >= MAX_FAILED_NOTICES:
+            continue
+        outcome = notify_member(svc, conference_name, member_id, call_uuid)
+        if outcome == FAILED:
+            continue
+        told += outcome == PLAYED
+        with transaction(svc.sessions) as session:
+            session.execute(
+                update(ConferenceMember)
+                .where(ConferenceMember.id == member_pk, ConferenceMember.notified_at.is_(None))
+                .values(notified_at=_played_at(session, conference_name, member_id) or utcnow())
+            )
+    return told
+
+
+def _recording_notices(conference_name: str, member_id: str) -> Select[RecordingNotice]:
+    """The notices of this member in the conference's recording in progress."""
+    recording = (
+        select(Recording.id)
+        .where(Recording.conference_name == conference_name, Recording.status == Status.RECORDING)
+        .scalar_subquery()
+    )
+    return select(RecordingNotice).where(
+        RecordingNotice.recording_pk.in_(recording), RecordingNotice.member_id == member_id
+    )
+
+
+def _failed_notices(svc: Services, conference_name: str, member_id: str) -> int:
+    notices = _recording_notices(conference_name, member_id).where(
+        RecordingNotice.outcome == FAILED
+    )
+    with svc.sessions() as session:
+        return len(session.scalars(notices).all())
+
+
+def _played_at(session: Session, conference_name: str, member_id: str) -> dt.datetime | None:
+    notices = _recording_notices(conference_name, member_id).where(
+        RecordingNotice.outcome == PLAYED
+    )
+    played = session.scalars(notices.order_by(RecordingNotice.id)).first()
+    return None if played is None else played.at
 
 
 # --- showing ----------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import urllib3.exceptions
 from sqlalchemy import select, update
 from sqlalchemy.exc import DBAPIError
 
-from webhook import policy
+from webhook import notices, policy
 from webhook.archive.deletion import DELETE_EVERY_SECONDS, delete_from_plivo
 from webhook.archive.media import MediaError, RefusedMedia, RefusedURL, media_limits, open_media
 from webhook.archive.members import DETAILS_INTERVAL_SECONDS, fill_member_details, poll_members
@@ -435,6 +435,9 @@ class Worker:
             poll_members(self.services)
         if plivo_configured and self._turn_is_ours("member_details", DETAILS_INTERVAL_SECONDS):
             fill_member_details(self.services)
+        noticing = notices.notice_configured(self.services) and plivo_configured
+        if noticing and self._turn_is_ours("notify-entered", notices.NOTIFY_ENTERED_EVERY_SECONDS):
+            notices.notify_entered(self.services)
 
     def run(self, once: bool = False, poll_seconds: float = 1.0) -> int:
         """Archive until stopped (with `once`: until nothing is due); answer how many jobs ran.
