@@ -306,14 +306,14 @@ def test_transcript_search_structures_come_and_go_with_the_migration(
     upgrade(empty_database_url)
     expected = {"ix_transcripts_text_fts"} if ON_POSTGRES else {"transcripts_fts"}
     assert expected <= search_structures()
-    command.downgrade(alembic_config(empty_database_url), "0010")
+    command.downgrade(alembic_config(empty_database_url), "0008")
     assert search_structures() == set()
 
 
 def test_console_sessions_survive_the_staff_name_migration(empty_database_url: str) -> None:
-    # 0007 rebuilds the staff table on SQLite (its name constraint has no name to drop); the
+    # 0012 rebuilds the staff table on SQLite (its name constraint has no name to drop); the
     # console sessions that reference staff.id must come through it, still pointing at their row.
-    upgrade(empty_database_url, "0010")
+    upgrade(empty_database_url, "0011")
     engine = sa.create_engine(normalise_database_url(empty_database_url))
     now = utcnow()
     try:

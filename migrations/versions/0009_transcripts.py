@@ -1,7 +1,7 @@
 """transcripts, archived beside the audio and searchable
 
 Revision ID: 0009
-Revises: 0010
+Revises: 0008
 Create Date: 2026-11-29
 
 One transcript per recording, keyed by Plivo's recording id (no foreign key: the transcript may
@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0009"
-down_revision = "0010"
+down_revision = "0008"
 branch_labels = None
 depends_on = None
 

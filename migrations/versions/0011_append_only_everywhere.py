@@ -1,7 +1,7 @@
 """the logs added since are append-only in every way the first ones are
 
-Revision ID: 0012
-Revises: 0008
+Revision ID: 0011
+Revises: 0010
 Create Date: 2026-11-29
 
 Recording notices and deletions from Plivo refuse TRUNCATE on PostgreSQL and INSERT OR REPLACE
@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from alembic import op
 
-revision = "0012"
-down_revision = "0008"
+revision = "0011"
+down_revision = "0010"
 branch_labels = None
 depends_on = None
 

@@ -1,7 +1,7 @@
 """staff names reusable once revoked; refused-callback counts; archive duration
 
-Revision ID: 0007
-Revises: 0012
+Revision ID: 0012
+Revises: 0011
 Create Date: 2026-11-29
 
 - A staff name is unique among active staff only, so a revoked name can be given again and a
@@ -16,8 +16,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0007"
-down_revision = "0012"
+revision = "0012"
+down_revision = "0011"
 branch_labels = None
 depends_on = None
 

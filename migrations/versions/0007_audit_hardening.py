@@ -1,7 +1,7 @@
 """audit hardening: parameters as used, anonymous refusals counted, logs closed to TRUNCATE/REPLACE
 
-Revision ID: 0006
-Revises: 0011
+Revision ID: 0007
+Revises: 0006
 Create Date: 2026-11-29
 
 - `audit_events.params`: the decoded query parameters the service used, in full, beside the raw
@@ -18,8 +18,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0006"
-down_revision = "0011"
+revision = "0007"
+down_revision = "0006"
 branch_labels = None
 depends_on = None
 

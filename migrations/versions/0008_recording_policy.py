@@ -1,7 +1,7 @@
 """recording policy: resumable reconcile, conference claims, notices, deletion from Plivo
 
-Revision ID: 0010
-Revises: 0006
+Revision ID: 0008
+Revises: 0007
 Create Date: 2026-11-29
 
 `reconcile --since` keeps its progress; one claim per live conference so auto-record and the API
@@ -14,8 +14,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0010"
-down_revision = "0006"
+revision = "0008"
+down_revision = "0007"
 branch_labels = None
 depends_on = None
 

@@ -1,6 +1,6 @@
 """conference members, their events, and participants with join and leave times
 
-Revision ID: 0008
+Revision ID: 0010
 Revises: 0009
 Create Date: 2026-11-29
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0008"
+revision = "0010"
 down_revision = "0009"
 branch_labels = None
 depends_on = None
