@@ -45,6 +45,19 @@ def env(
     database_url: str, bucket: str, s3_endpoint: str, plivo: FakePlivo, tmp_path: Path
 ) -> dict[str, str]:
     """The deployment's environment, as an operator would configure it on the platform."""
+    return deployment_env(database_url, bucket, s3_endpoint, plivo, tmp_path)
+
+
+def deployment_env(
+    database_url: str,
+    bucket: str,
+    s3_endpoint: str,
+    plivo: FakePlivo,
+    tmp_path: Path,
+    **settings: str,
+) -> dict[str, str]:
+    """The environment of a deployment on the test database, moto and the fake Plivo, with
+    `settings` added."""
     return process_env(
         BIN,
         tmp_path / "home",
@@ -67,6 +80,7 @@ def env(
             "MEMBER_POLL_SECONDS": "1",
             "PORT": str(free_port()),
             "WEB_CONCURRENCY": "2",
+            **settings,
         },
     )
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import time
 from pathlib import Path
@@ -15,13 +14,14 @@ from urllib.parse import quote
 import pytest
 import requests
 
-from tests.conftest import CALLBACK_URL, PUBLIC_URL, free_port, mp3_bytes
+from tests.conftest import CALLBACK_URL, PUBLIC_URL, mp3_bytes
 from tests.fakeplivo import FakePlivo
-from tests.processes import process_env, run_all
+from tests.processes import run_all
 from tests.test_e2e import (  # noqa: F401 - `service` is a fixture
     BIN,
     ROOT,
     Service,
+    deployment_env,
     rows_about,
     service,
     wait_for_archive,
@@ -45,28 +45,7 @@ def env(
     database_url: str, bucket: str, s3_endpoint: str, plivo: FakePlivo, tmp_path: Path
 ) -> dict[str, str]:
     """The deployment's environment with TRANSCRIPTION=auto."""
-    return process_env(
-        BIN,
-        tmp_path / "home",
-        {
-            "DATABASE_URL": database_url,
-            "ARCHIVE_URL": f"s3://{bucket}/archive",
-            "AWS_ENDPOINT_URL": s3_endpoint,
-            **{
-                key: os.environ[key]
-                for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
-            },
-            "PLIVO_AUTH_ID": plivo.auth_id,
-            "PLIVO_AUTH_TOKEN": plivo.auth_token,
-            "PLIVO_API_URL": plivo.url,
-            "PUBLIC_URL": PUBLIC_URL,
-            "RECORDING_HOSTS": "127.0.0.1",
-            "ARCHIVE_RETRY_BASE_SECONDS": "1",
-            "PORT": str(free_port()),
-            "WEB_CONCURRENCY": "2",
-            "TRANSCRIPTION": "auto",
-        },
-    )
+    return deployment_env(database_url, bucket, s3_endpoint, plivo, tmp_path, TRANSCRIPTION="auto")
 
 
 def wait_for_transcript_archive(

@@ -25,7 +25,12 @@ from sqlalchemy.orm import Session
 
 from webhook.errors import BadParameter
 from webhook.models import ConferenceMember, MemberEvent, Participant, Recording, Status, utcnow
-from webhook.recordings import MAX_DURATION_MS, _text, insert_ignoring_conflict, participant_key
+from webhook.recordings import (
+    MAX_DURATION_MS,
+    insert_ignoring_conflict,
+    participant_key,
+    text_field,
+)
 
 MEMBER_ACTIONS = ("enter", "exit")
 # A member whose conference run is not known on both sides, and whose exit was never learnt,
@@ -62,13 +67,13 @@ class MemberEventReport:
 
 def parse_member_event(fields: Mapping[str, str]) -> MemberEventReport:
     """Validate a member event's fields; a bad one raises BadParameter naming it."""
-    action = (_text(fields, "ConferenceAction", 16, required=True) or "").lower()
+    action = (text_field(fields, "ConferenceAction", 16, required=True) or "").lower()
     if action not in MEMBER_ACTIONS:
         raise BadParameter("ConferenceAction", "ConferenceAction must be enter or exit")
-    name = _text(fields, "ConferenceName", 255, required=True)
-    member_id = _text(fields, "ConferenceMemberID", 64, required=True)
-    conference_uuid = _text(fields, "ConferenceUUID", 64)
-    call_uuid = _text(fields, "CallUUID", 64)
+    name = text_field(fields, "ConferenceName", 255, required=True)
+    member_id = text_field(fields, "ConferenceMemberID", 64, required=True)
+    conference_uuid = text_field(fields, "ConferenceUUID", 64)
+    call_uuid = text_field(fields, "CallUUID", 64)
     if call_uuid is None and conference_uuid is None:
         # Member ids restart with every run of a conference: alone they name nobody.
         raise BadParameter("CallUUID", "CallUUID is required when ConferenceUUID is not given")
@@ -80,8 +85,8 @@ def parse_member_event(fields: Mapping[str, str]) -> MemberEventReport:
         conference_uuid=conference_uuid,
         call_uuid=call_uuid,
         # Whether Plivo sends From/To with member events is unverified: taken when present.
-        from_number=_text(fields, "From", 255),
-        to_number=_text(fields, "To", 255),
+        from_number=text_field(fields, "From", 255),
+        to_number=text_field(fields, "To", 255),
     )
 
 

@@ -66,7 +66,10 @@ class RecordingReport:
         return suffix if suffix in FILE_FORMATS else "mp3"
 
 
-def _text(fields: Mapping[str, str], name: str, limit: int, required: bool = False) -> str | None:
+def text_field(
+    fields: Mapping[str, str], name: str, limit: int, required: bool = False
+) -> str | None:
+    """A callback's text field, stripped: at most `limit` printable characters (400 naming it)."""
     value = (fields.get(name) or "").strip()
     if not value:
         if required:
@@ -112,11 +115,11 @@ def parse_report(raw: Mapping[str, str]) -> RecordingReport:
     for camel, snake in CAMEL_NAMES.items():
         if camel in raw and not raw.get(snake):
             fields[snake] = raw[camel]
-    recording_id = _text(fields, "recording_id", 64, required=True)
+    recording_id = text_field(fields, "recording_id", 64, required=True)
     assert recording_id is not None
     if not RECORDING_ID.match(recording_id):
         raise BadParameter("recording_id", "recording_id may hold only letters, digits, . _ and -")
-    record_url = _text(fields, "record_url", 2048, required=True)
+    record_url = text_field(fields, "record_url", 2048, required=True)
     assert record_url is not None
     try:
         parts = urlsplit(record_url)
@@ -135,12 +138,12 @@ def parse_report(raw: Mapping[str, str]) -> RecordingReport:
     return RecordingReport(
         recording_id=recording_id,
         record_url=record_url,
-        conference_name=_text(fields, "conference_name", 255),
-        api_id=_text(fields, "api_id", 64),
+        conference_name=text_field(fields, "conference_name", 255),
+        api_id=text_field(fields, "api_id", 64),
         duration_ms=duration_ms if duration_ms is not None else duration_s,
         start_ms=start_ms,
         end_ms=end_ms,
-        conference_uuid=_text(fields, "conference_uuid", 64),
+        conference_uuid=text_field(fields, "conference_uuid", 64),
     )
 
 

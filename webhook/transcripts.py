@@ -19,7 +19,7 @@ from webhook.config import Settings
 from webhook.db import rowcount
 from webhook.errors import BadParameter
 from webhook.models import Transcript, utcnow
-from webhook.recordings import RECORDING_ID, insert_ignoring_conflict
+from webhook.recordings import RECORDING_ID, insert_ignoring_conflict, text_field
 
 RECEIVED = "received"
 ERROR = "error"
@@ -58,17 +58,6 @@ def transcription_url_for(settings: Settings) -> str | None:
     return transcription_url(settings.public_url)
 
 
-def _line(fields: Mapping[str, str], name: str, limit: int) -> str | None:
-    value = (fields.get(name) or "").strip()
-    if not value:
-        return None
-    if len(value) > limit:
-        raise BadParameter(name, f"{name} is longer than {limit} characters")
-    if not value.isprintable():
-        raise BadParameter(name, f"{name} contains control characters")
-    return value
-
-
 def _number(fields: Mapping[str, str], name: str) -> str | None:
     raw = (fields.get(name) or "").strip()
     if not raw:
@@ -86,7 +75,7 @@ def parse_transcription(fields: Mapping[str, str]) -> TranscriptReport:
     """Validate a transcription callback's fields; a bad field raises BadParameter."""
     # Conference XML calls back with CamelCase names; whether its transcription callback does
     # too is unverified, so its RecordingID is taken when recording_id is absent.
-    recording_id = _line(fields, "recording_id", 64) or _line(fields, "RecordingID", 64)
+    recording_id = text_field(fields, "recording_id", 64) or text_field(fields, "RecordingID", 64)
     if recording_id is None:
         raise BadParameter("recording_id", "recording_id is required")
     if not RECORDING_ID.match(recording_id):
@@ -96,10 +85,10 @@ def parse_transcription(fields: Mapping[str, str]) -> TranscriptReport:
     text = fields.get("transcription")
     if text is not None and "\0" in text:
         raise BadParameter("transcription", "transcription contains a NUL character")
-    error = _line(fields, "error", 2000)
+    error = text_field(fields, "error", 2000)
     if text is None and error is None:
         raise BadParameter("transcription", "transcription (or error) is required")
-    details = {"call_uuid": _line(fields, "call_uuid", 64)}
+    details = {"call_uuid": text_field(fields, "call_uuid", 64)}
     details.update({name: _number(fields, name) for name in NUMERIC_FIELDS})
     return TranscriptReport(
         recording_id=recording_id,
