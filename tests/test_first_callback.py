@@ -8,16 +8,14 @@ import re
 import shutil
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import sqlalchemy as sa
 from sqlalchemy import select
 
-from tests.conftest import ON_POSTGRES, TEST_DATABASE_URL, free_port
+from tests.conftest import ON_POSTGRES, free_port, fresh_postgres_database
 from tests.fakeplivo import FakePlivo
 from tests.processes import Deployment, Process, process_env
 from webhook.config import normalise_database_url
@@ -50,17 +48,8 @@ def empty_database() -> Iterator[str]:
     """A PostgreSQL database with nothing in it, as `createdb` leaves it."""
     if not ON_POSTGRES:
         pytest.skip("the README's recipe is PostgreSQL's (set TEST_DATABASE_URL)")
-    admin_url = sa.make_url(normalise_database_url(str(TEST_DATABASE_URL)))
-    name = f"webhook_readme_{uuid.uuid4().hex[:10]}"
-    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield admin_url.set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with fresh_postgres_database("webhook_readme") as url:
+        yield url
 
 
 def edit_env(path: Path, values: dict[str, str]) -> None:
