@@ -528,6 +528,35 @@ def temp_database(tag: str, admin_url: str | None = None) -> Iterator[str]:
         engine.dispose()
 
 
+@contextlib.contextmanager
+def kept_database(name: str, admin_url: str | None = None) -> Iterator[tuple[str, bool]]:
+    """The PostgreSQL database `name`, created and migrated when missing, kept afterwards: the
+    URL, and whether it was there already (its data can then be measured again, not reloaded)."""
+    import sqlalchemy as sa
+
+    from webhook.config import normalise_database_url
+    from webhook.db import upgrade
+
+    if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", name):
+        raise ValueError(f"{name!r} is not a plain lower-case database name")
+    admin = sa.make_url(normalise_database_url(admin_url or admin_database_url()))
+    engine = sa.create_engine(admin, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            existed = bool(
+                conn.execute(
+                    sa.text("SELECT 1 FROM pg_database WHERE datname = :name"), {"name": name}
+                ).scalar()
+            )
+            if not existed:
+                conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    finally:
+        engine.dispose()
+    url = admin.set(database=name).render_as_string(hide_password=False)
+    upgrade(url)
+    yield url, existed
+
+
 def libpq_url(sqlalchemy_url: str) -> str:
     """The same database as a plain postgresql:// URL (for psycopg and the processes' env)."""
     return re.sub(r"^postgresql\+psycopg://", "postgresql://", sqlalchemy_url)

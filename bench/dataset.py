@@ -187,6 +187,18 @@ def load_dataset(url: str, recordings: int, participants_per: int, seed: float =
     }
 
 
+def counts(url: str) -> dict[str, int]:
+    """How many recordings and participants the database holds."""
+    import psycopg
+
+    with psycopg.connect(libpq_url(url)) as conn:
+        row = conn.execute(
+            "SELECT (SELECT count(*) FROM recordings), (SELECT count(*) FROM participants)"
+        ).fetchone()
+    assert row is not None
+    return {"recordings": row[0], "participants": row[1]}
+
+
 # Words of a transcript, most frequent first: a word's rank is drawn as random()^3, so "the" is
 # in nearly every transcript and the last ones in few.
 VOCABULARY = (

@@ -48,6 +48,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=None)
     parser.add_argument("--quiet-plans", action="store_true", help="do not print the plans")
     parser.add_argument(
+        "--keep-database",
+        metavar="NAME",
+        help="load into database NAME and keep it; when it exists, measure its data again",
+    )
+    parser.add_argument(
         "--no-seqscan",
         action="store_true",
         help="explain with enable_seqscan off: at a small size, shows which indexes a plan can use",
@@ -131,12 +136,25 @@ def run(report: Report, args: argparse.Namespace) -> None:
     with contextlib.ExitStack() as stack:
         work = Path(tempfile.mkdtemp(prefix="bench-query-"))
         stack.callback(shutil.rmtree, work, ignore_errors=True)
-        url = stack.enter_context(common.temp_database("query", args.database_url))
-        common.say(f"loading {args.recordings:,} recordings x {args.participants_per} …")
-        loaded = dataset.load_dataset(url, args.recordings, args.participants_per)
-        common.say(f"loaded: {loaded}")
-        report.results["load"] = loaded
-        if args.transcript_words:
+        if args.keep_database:
+            url, existed = stack.enter_context(
+                common.kept_database(args.keep_database, args.database_url)
+            )
+        else:
+            url, existed = (
+                stack.enter_context(common.temp_database("query", args.database_url)),
+                False,
+            )
+        if existed:
+            common.say(f"measuring the data already in {args.keep_database} again")
+            loaded = dataset.counts(url)
+            report.results["reused_database"] = {"name": args.keep_database, **loaded}
+        else:
+            common.say(f"loading {args.recordings:,} recordings x {args.participants_per} …")
+            loaded = dataset.load_dataset(url, args.recordings, args.participants_per)
+            common.say(f"loaded: {loaded}")
+            report.results["load"] = loaded
+        if args.transcript_words and not existed:
             common.say(f"transcripts of {args.transcript_words} words …")
             report.results["transcripts"] = dataset.load_transcripts(url, args.transcript_words)
             common.say(f"loaded: {report.results['transcripts']}")

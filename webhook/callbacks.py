@@ -4,26 +4,41 @@ with its nonce, commit, 200."""
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
-from sqlalchemy import Table
+from sqlalchemy import Table, text
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from webhook import services
-from webhook.db import request_session
+from webhook.db import request_session, transaction
 from webhook.errors import APIError, BadParameter
-from webhook.members import parse_member_event, record_member_event, refresh_recording
-from webhook.models import CallbackLog, utcnow
-from webhook.recordings import CAMEL_NAMES, insert_ignoring_conflict, parse_report, record_report
+from webhook.members import (
+    UNSETTLED_SLACK,
+    parse_member_event,
+    record_member_event,
+    refresh_recording,
+)
+from webhook.models import CallbackLog, Status, utcnow
+from webhook.recordings import (
+    CAMEL_NAMES,
+    estimated_start_ms,
+    insert_ignoring_conflict,
+    parse_report,
+    record_report,
+)
 from webhook.signature import NONCE_HEADER, SIGNATURE_HEADERS, signature_matches
 
 bp = Blueprint("callbacks", __name__)
 CALLBACK_LOG: Table = CallbackLog.__table__  # type: ignore[assignment]  # a Table for Core inserts
+NONCE_UNIQUE = "uq_callback_log_nonce"
 log = logging.getLogger(__name__)
 
 CALLBACK_METHODS = ("POST", "GET")
@@ -160,30 +175,33 @@ def receive(dispatch: Dispatch) -> Response:
     body = read_body()
     verified = verify()
     kind, handle = dispatch(verified.fields)
+    entry = {
+        "received_at": utcnow(),
+        "kind": kind,
+        "method": request.method,
+        "remote_addr": request.remote_addr,
+        "headers": {h: request.headers[h] for h in KEPT_HEADERS if h in request.headers},
+        "body": body,
+        "query": request.query_string.decode("utf-8", "backslashreplace"),
+        "signature_verdict": verified.verdict,
+        "nonce": verified.nonce,
+    }
     session = request_session()
-    outcome = handle(session, verified.fields)
+    in_one_statement = ONE_STATEMENT.get(handle)
+    if in_one_statement is not None and session.get_bind().dialect.name == "postgresql":
+        outcome = in_one_statement(verified.fields, entry)
+    else:
+        outcome = handle(session, verified.fields)
+        logged = insert_ignoring_conflict(
+            session,
+            CallbackLog,
+            {**entry, "recording_id": outcome.recording_id, "duplicate": outcome.duplicate},
+        )
+        if not logged:
+            session.rollback()
+            raise _refuse("replayed_nonce", "This signature nonce was used before")
+        session.commit()
     g.recording_id = outcome.recording_id
-    logged = insert_ignoring_conflict(
-        session,
-        CallbackLog,
-        {
-            "received_at": utcnow(),
-            "kind": kind,
-            "recording_id": outcome.recording_id,
-            "method": request.method,
-            "remote_addr": request.remote_addr,
-            "headers": {h: request.headers[h] for h in KEPT_HEADERS if h in request.headers},
-            "body": body,
-            "query": request.query_string.decode("utf-8", "backslashreplace"),
-            "signature_verdict": verified.verdict,
-            "nonce": verified.nonce,
-            "duplicate": outcome.duplicate,
-        },
-    )
-    if not logged:
-        session.rollback()
-        raise _refuse("replayed_nonce", "This signature nonce was used before")
-    session.commit()
     log.info(
         "callback accepted",
         extra={
@@ -205,6 +223,95 @@ def store_recording(session: Session, fields: Mapping[str, str]) -> Outcome:
         {"status": "accepted" if is_new else "duplicate", "recording_id": report.recording_id},
         recording_id=report.recording_id,
         duplicate=not is_new,
+    )
+
+
+# A recording callback on PostgreSQL, stored and logged in one autocommitted statement: the
+# recording inserted (or a recording started through the API moved to pending, as record_report
+# does), the callback logged with the nonce under its unique index, so that a replayed nonce
+# fails the whole statement and leaves nothing stored. It also says whether any member of the
+# conference may have been present (members.py's candidates), the only case in which the
+# participants need recomputing.
+RECORDING_AND_LOG = text(
+    """
+WITH rec AS (
+    INSERT INTO recordings AS r (
+        recording_id, conference_name, conference_uuid, api_id, record_url, file_format,
+        duration_ms, duration_s, start_ms, end_ms, status, next_attempt_at, attempts,
+        legal_hold, created_at, updated_at)
+    VALUES (:recording_id, :conference_name, :conference_uuid, :api_id, :record_url,
+        :file_format, :duration_ms, :duration_s, :start_ms, :end_ms, :pending, :now, 0,
+        false, :now, :now)
+    ON CONFLICT (recording_id) DO UPDATE SET
+        record_url = excluded.record_url,
+        file_format = excluded.file_format,
+        duration_ms = excluded.duration_ms,
+        duration_s = excluded.duration_s,
+        end_ms = excluded.end_ms,
+        status = excluded.status,
+        next_attempt_at = excluded.next_attempt_at,
+        updated_at = excluded.updated_at,
+        start_ms = CASE WHEN :start_reported THEN excluded.start_ms ELSE r.start_ms END,
+        conference_name = coalesce(r.conference_name, excluded.conference_name),
+        api_id = coalesce(r.api_id, excluded.api_id),
+        conference_uuid = coalesce(r.conference_uuid, excluded.conference_uuid)
+    WHERE r.status = :recording
+    RETURNING xmax = 0 AS inserted
+), logged AS (
+    INSERT INTO callback_log (received_at, kind, recording_id, method, remote_addr, headers,
+        body, query, signature_verdict, nonce, duplicate)
+    SELECT :now, :kind, :recording_id, :method, :remote_addr, CAST(:headers AS json), :body,
+        :query, :signature_verdict, :nonce, NOT EXISTS (SELECT FROM rec)
+    RETURNING id
+)
+SELECT (SELECT inserted FROM rec),
+    EXISTS (SELECT FROM conference_members m
+            WHERE m.conference_name = :conference_name
+              AND (m.last_seen_at >= :seen_since OR m.conference_uuid = :conference_uuid))
+"""
+)
+
+
+def store_recording_in_one_statement(fields: Mapping[str, str], entry: dict[str, Any]) -> Outcome:
+    """store_recording and the callback's log row in one round trip (PostgreSQL)."""
+    report = parse_report(fields)
+    now = entry["received_at"]
+    start_ms = estimated_start_ms(report, now)
+    values = {
+        **entry,
+        "headers": json.dumps(entry["headers"]),
+        "recording_id": report.recording_id,
+        "conference_name": report.conference_name,
+        "conference_uuid": report.conference_uuid,
+        "api_id": report.api_id,
+        "record_url": report.record_url,
+        "file_format": report.file_format,
+        "duration_ms": report.duration_ms,
+        "duration_s": None if report.duration_ms is None else report.duration_ms // 1000,
+        "start_ms": start_ms,
+        "start_reported": report.start_ms is not None,
+        "end_ms": report.end_ms,
+        "pending": Status.PENDING.value,
+        "recording": Status.RECORDING.value,
+        "now": now,
+        "seen_since": dt.datetime.fromtimestamp(start_ms / 1000, dt.UTC) - UNSETTLED_SLACK,
+    }
+    services_ = services(current_app)
+    try:
+        with services_.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            inserted, members_seen = conn.execute(RECORDING_AND_LOG, values).one()
+    except IntegrityError as error:
+        if getattr(getattr(error.orig, "diag", None), "constraint_name", None) == NONCE_UNIQUE:
+            raise _refuse("replayed_nonce", "This signature nonce was used before") from None
+        raise
+    stored = inserted is not None  # a new row, or one started through the API moved to pending
+    if (stored and not inserted) or members_seen:
+        with transaction(services_.sessions) as session:
+            refresh_recording(session, report.recording_id)
+    return Outcome(
+        {"status": "accepted" if stored else "duplicate", "recording_id": report.recording_id},
+        recording_id=report.recording_id,
+        duplicate=not stored,
     )
 
 
@@ -231,6 +338,12 @@ def conference_callback(fields: Mapping[str, str]) -> tuple[str, Handler]:
     if action and action != "record":
         return "member", ignore_member_event
     return "recording", store_recording
+
+
+# Handlers that PostgreSQL runs with their log row in one statement, instead of handler + log.
+ONE_STATEMENT: dict[Handler, Callable[[Mapping[str, str], dict[str, Any]], Outcome]] = {
+    store_recording: store_recording_in_one_statement
+}
 
 
 @bp.route("/plivo/recording", methods=CALLBACK_METHODS)

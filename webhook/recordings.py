@@ -165,6 +165,14 @@ def insert_ignoring_conflict(session: Session, model: type[Any], values: dict[st
     return session.execute(statement).first() is not None
 
 
+def estimated_start_ms(report: RecordingReport, now: dt.datetime) -> int:
+    """The recording's start as reported; without one, the end (or now) minus the duration."""
+    if report.start_ms is not None:
+        return report.start_ms
+    end = report.end_ms if report.end_ms is not None else int(now.timestamp() * 1000)
+    return end - (report.duration_ms or 0)
+
+
 def record_report(
     session: Session, report: RecordingReport, now: dt.datetime | None = None
 ) -> bool:
@@ -176,11 +184,7 @@ def record_report(
     object, so it follows that worker's own ARCHIVE_URL.
     """
     now = now or utcnow()
-    start_ms = report.start_ms
-    if start_ms is None:
-        # Without a start time, the best estimate is the end (or now) minus the duration.
-        end = report.end_ms if report.end_ms is not None else int(now.timestamp() * 1000)
-        start_ms = end - (report.duration_ms or 0)
+    start_ms = estimated_start_ms(report, now)
     reported = {
         "record_url": report.record_url,
         "file_format": report.file_format,
