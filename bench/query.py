@@ -20,6 +20,7 @@ import re
 import shutil
 import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,12 @@ def pick_values(url: str, recordings: int) -> dict[str, Any]:
     }
 
 
+def goal_ms(label: str) -> int:
+    """p95 goal of a case: 30 ms for the metadata filters (issues 3-5), 50 ms for a transcript
+    search (`q=`, issue 11)."""
+    return 50 if label.startswith("q ") else 30
+
+
 def summarise_plan(plan: str) -> dict[str, Any]:
     execution = EXECUTION.search(plan)
     return {
@@ -173,7 +180,7 @@ def run(report: Report, args: argparse.Namespace) -> None:
             if isinstance(handler, logging.StreamHandler):
                 handler.setStream(log_file)  # the JSON request lines are written, not shown
         with transaction(svc.sessions) as session:
-            token = add_staff(session, "bench-compliance", Role.COMPLIANCE)
+            token = add_staff(session, f"bench-compliance-{uuid.uuid4().hex[:8]}", Role.COMPLIANCE)
         headers = {"Authorization": f"Bearer {token}"}
         captured: list[tuple[str, Any]] = []
 
@@ -367,10 +374,15 @@ def run(report: Report, args: argparse.Namespace) -> None:
                     ",".join(i.removeprefix("ix_") for i in summary["indexes"]) or "-",
                     ",".join(summary["seq_scans"]) or "-",
                     summary["rows_removed"],
-                    timing["p95"] < 30,
+                    timing["p95"] < goal_ms(label),
                 ]
             )
-            report.target(f"p95 {label} (ms)", timing["p95"], "< 30", timing["p95"] < 30)
+            report.target(
+                f"p95 {label} (ms)",
+                timing["p95"],
+                f"< {goal_ms(label)}",
+                timing["p95"] < goal_ms(label),
+            )
         report.table(
             f"GET /api/recordings, Flask test client in-process, {loaded['recordings']:,} "
             f"recordings / {loaded['participants']:,} participants, {args.repeat} timed requests "
@@ -385,7 +397,7 @@ def run(report: Report, args: argparse.Namespace) -> None:
                 "indexes used (ix_ dropped)",
                 "seq scan",
                 "rows filtered",
-                "p95<30",
+                "p95 < goal",
             ],
             rows,
         )
@@ -414,11 +426,11 @@ def run(report: Report, args: argparse.Namespace) -> None:
         misses = [
             label
             for label, r in case_results.items()
-            if "latency_ms" in r and r["latency_ms"]["p95"] >= 30
+            if "latency_ms" in r and r["latency_ms"]["p95"] >= goal_ms(label)
         ]
         no_index = [label for label, r in case_results.items() if not r["indexes"]]
         if misses:
-            report.note("p95 ≥ 30 ms: " + "; ".join(misses))
+            report.note("p95 at or over its goal: " + "; ".join(misses))
         if no_index:
             report.note("plans without an index: " + "; ".join(no_index))
 
