@@ -28,6 +28,10 @@ class Services:
     sessions: sessionmaker[Session]
 
     @cached_property
+    def on_postgresql(self) -> bool:
+        return self.engine.dialect.name == "postgresql"
+
+    @cached_property
     def storage(self) -> Storage:
         from webhook.archive.storage import open_storage
 
@@ -67,7 +71,11 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         # X-Forwarded-For before them is not believed.
         hops = settings.trusted_proxy_hops
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops)  # type: ignore[method-assign]
-    engine = make_engine(settings.database_url, timeout=settings.database_timeout_seconds)
+    engine = make_engine(
+        settings.database_url,
+        timeout=settings.database_timeout_seconds,
+        pool_size=settings.database_pool_size,
+    )
     app.extensions["webhook"] = Services(settings, engine, make_session_factory(engine))
 
     logs.init_app(app)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
-from sqlalchemy import Table, text
+from sqlalchemy import Table
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from werkzeug.exceptions import RequestEntityTooLarge
@@ -150,6 +150,20 @@ def verify() -> Verified:
     raise _refuse("bad_signature", "The callback's signature does not match", checked_url=url)
 
 
+# Each kept header's name as the log writes it, by its lower-case form.
+_KEPT_BY_LOWER = {name.lower(): name for name in KEPT_HEADERS}
+
+
+def kept_headers() -> dict[str, str]:
+    """The headers the callback log keeps (the first of each, where one is repeated)."""
+    kept: dict[str, str] = {}
+    for name, value in request.headers.items():
+        canonical = _KEPT_BY_LOWER.get(name.lower())
+        if canonical is not None:
+            kept.setdefault(canonical, value)
+    return kept
+
+
 def read_body() -> str:
     """The raw body as it arrived, whatever the method (NUL and bytes that are not UTF-8 kept as
     backslash escapes); 413 when it is over the limit, chunked or not."""
@@ -180,17 +194,17 @@ def receive(dispatch: Dispatch) -> Response:
         "kind": kind,
         "method": request.method,
         "remote_addr": request.remote_addr,
-        "headers": {h: request.headers[h] for h in KEPT_HEADERS if h in request.headers},
+        "headers": kept_headers(),
         "body": body,
         "query": request.query_string.decode("utf-8", "backslashreplace"),
         "signature_verdict": verified.verdict,
         "nonce": verified.nonce,
     }
-    session = request_session()
     in_one_statement = ONE_STATEMENT.get(handle)
-    if in_one_statement is not None and session.get_bind().dialect.name == "postgresql":
+    if in_one_statement is not None and services(current_app).on_postgresql:
         outcome = in_one_statement(verified.fields, entry)
     else:
+        session = request_session()
         outcome = handle(session, verified.fields)
         logged = insert_ignoring_conflict(
             session,
@@ -202,15 +216,8 @@ def receive(dispatch: Dispatch) -> Response:
             raise _refuse("replayed_nonce", "This signature nonce was used before")
         session.commit()
     g.recording_id = outcome.recording_id
-    log.info(
-        "callback accepted",
-        extra={
-            "kind": kind,
-            "recording_id": outcome.recording_id,
-            "duplicate": outcome.duplicate,
-            "request_id": g.request_id,
-        },
-    )
+    # On the request's own log line (webhook.logs): one line per callback.
+    g.log_fields = {"callback": kind, "duplicate": outcome.duplicate}
     return jsonify(outcome.answer)
 
 
@@ -226,22 +233,22 @@ def store_recording(session: Session, fields: Mapping[str, str]) -> Outcome:
     )
 
 
-# A recording callback on PostgreSQL, stored and logged in one autocommitted statement: the
-# recording inserted (or a recording started through the API moved to pending, as record_report
-# does), the callback logged with the nonce under its unique index, so that a replayed nonce
-# fails the whole statement and leaves nothing stored. It also says whether any member of the
-# conference may have been present (members.py's candidates), the only case in which the
-# participants need recomputing.
-RECORDING_AND_LOG = text(
-    """
+# A recording callback on PostgreSQL, stored and logged in one autocommitted statement, run as
+# written (psycopg's parameter style, nothing to compile): the recording inserted (or one started
+# through the API moved to pending, as record_report does), the callback logged with its nonce
+# under the unique index, so that a replayed nonce fails the whole statement and leaves nothing
+# stored. It also says whether a member of the conference may have been present (the candidates
+# of members.py), the only case in which the participants need recomputing.
+RECORDING_AND_LOG = """
 WITH rec AS (
     INSERT INTO recordings AS r (
         recording_id, conference_name, conference_uuid, api_id, record_url, file_format,
         duration_ms, duration_s, start_ms, end_ms, status, next_attempt_at, attempts,
         legal_hold, created_at, updated_at)
-    VALUES (:recording_id, :conference_name, :conference_uuid, :api_id, :record_url,
-        :file_format, :duration_ms, :duration_s, :start_ms, :end_ms, :pending, :now, 0,
-        false, :now, :now)
+    VALUES (
+        %(recording_id)s, %(conference_name)s, %(conference_uuid)s, %(api_id)s,
+        %(record_url)s, %(file_format)s, %(duration_ms)s, %(duration_s)s, %(start_ms)s,
+        %(end_ms)s, %(pending)s, %(now)s, 0, false, %(now)s, %(now)s)
     ON CONFLICT (recording_id) DO UPDATE SET
         record_url = excluded.record_url,
         file_format = excluded.file_format,
@@ -251,25 +258,27 @@ WITH rec AS (
         status = excluded.status,
         next_attempt_at = excluded.next_attempt_at,
         updated_at = excluded.updated_at,
-        start_ms = CASE WHEN :start_reported THEN excluded.start_ms ELSE r.start_ms END,
+        start_ms = CASE WHEN %(start_reported)s THEN excluded.start_ms ELSE r.start_ms END,
         conference_name = coalesce(r.conference_name, excluded.conference_name),
         api_id = coalesce(r.api_id, excluded.api_id),
         conference_uuid = coalesce(r.conference_uuid, excluded.conference_uuid)
-    WHERE r.status = :recording
+    WHERE r.status = %(recording)s
     RETURNING xmax = 0 AS inserted
 ), logged AS (
-    INSERT INTO callback_log (received_at, kind, recording_id, method, remote_addr, headers,
-        body, query, signature_verdict, nonce, duplicate)
-    SELECT :now, :kind, :recording_id, :method, :remote_addr, CAST(:headers AS json), :body,
-        :query, :signature_verdict, :nonce, NOT EXISTS (SELECT FROM rec)
+    INSERT INTO callback_log (
+        received_at, kind, recording_id, method, remote_addr, headers, body, query,
+        signature_verdict, nonce, duplicate)
+    SELECT
+        %(now)s, %(kind)s, %(recording_id)s, %(method)s, %(remote_addr)s,
+        CAST(%(headers)s AS json), %(body)s, %(query)s, %(signature_verdict)s, %(nonce)s,
+        NOT EXISTS (SELECT FROM rec)
     RETURNING id
 )
 SELECT (SELECT inserted FROM rec),
     EXISTS (SELECT FROM conference_members m
-            WHERE m.conference_name = :conference_name
-              AND (m.last_seen_at >= :seen_since OR m.conference_uuid = :conference_uuid))
+            WHERE m.conference_name = %(conference_name)s
+              AND (m.last_seen_at >= %(seen_since)s OR m.conference_uuid = %(conference_uuid)s))
 """
-)
 
 
 def store_recording_in_one_statement(fields: Mapping[str, str], entry: dict[str, Any]) -> Outcome:
@@ -299,7 +308,7 @@ def store_recording_in_one_statement(fields: Mapping[str, str], entry: dict[str,
     services_ = services(current_app)
     try:
         with services_.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            inserted, members_seen = conn.execute(RECORDING_AND_LOG, values).one()
+            inserted, members_seen = conn.exec_driver_sql(RECORDING_AND_LOG, values).one()
     except IntegrityError as error:
         if getattr(getattr(error.orig, "diag", None), "constraint_name", None) == NONCE_UNIQUE:
             raise _refuse("replayed_nonce", "This signature nonce was used before") from None

@@ -182,6 +182,7 @@ class Settings:
     request_read_seconds: int
     response_write_seconds: int
     database_timeout_seconds: int
+    database_pool_size: int = 20
     auto_record: tuple[str, ...] = ()
     auto_record_interval_seconds: int = 30
     recording_notice_text: str | None = None
@@ -261,6 +262,7 @@ class Settings:
             response_write_seconds=_int(env, "RESPONSE_WRITE_SECONDS", 30, minimum=1) or 30,
             # libpq counts a connect timeout below 2 s as 2 s.
             database_timeout_seconds=_int(env, "DATABASE_TIMEOUT_SECONDS", 5, minimum=2) or 5,
+            database_pool_size=_int(env, "DATABASE_POOL_SIZE", 20, minimum=1) or 20,
             **_policy(env, public_url),
             transcription=_transcription(env),
             member_poll_seconds=_int(env, "MEMBER_POLL_SECONDS", 60) or 0,

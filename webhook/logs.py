@@ -74,6 +74,7 @@ def init_app(app: Flask) -> None:
                 "recording_id": g.get("recording_id"),
                 "staff": g.get("staff_name"),
                 "remote_addr": request.remote_addr,
+                **g.get("log_fields", {}),
             },
         )
         return response
