@@ -14,6 +14,7 @@ moment of the worker being told to stop, even while a read is blocked: a watchdo
 from __future__ import annotations
 
 import contextlib
+import functools
 import ipaddress
 import math
 import re
@@ -257,6 +258,17 @@ class _HTTPSPool(urllib3.HTTPSConnectionPool):
     ConnectionCls = _HTTPSConnection
 
 
+@functools.cache
+def _pinned_pools() -> urllib3.PoolManager:
+    """This process's connections to approved addresses, kept alive from one download to the
+    next. A pool is keyed by the address the check approved (and, for TLS, the host name the
+    certificate is checked against), so a connection is only ever reused for a request that was
+    approved for that very address."""
+    pools = urllib3.PoolManager(num_pools=10, maxsize=4, block=False)
+    pools.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
+    return pools
+
+
 class PinnedAdapter(HTTPAdapter):
     """Sends one approved request, connecting to the approved address only.
 
@@ -268,7 +280,8 @@ class PinnedAdapter(HTTPAdapter):
         super().__init__(max_retries=0)
         self.target = target
         self.dialled = dialled
-        self.poolmanager.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
+        self.poolmanager.clear()
+        self.poolmanager = _pinned_pools()
 
     def build_connection_pool_key_attributes(
         self, request: requests.PreparedRequest, verify: Any, cert: Any = None

@@ -85,19 +85,25 @@ class HashingReader:
         return data
 
     def _update(self, data: bytes) -> None:
-        self._whole.update(data)
-        self.size += len(data)
         view = memoryview(data)
         while view:
             take = min(len(view), self._part_size - self._part_filled)
-            self._part.update(view[:take])
+            piece = view[:take]
+            self._whole.update(piece)
+            if self.part_digests:
+                # The first part's hash is the whole's at its end: its bytes are hashed once.
+                self._part.update(piece)
             self._part_filled += take
+            self.size += take
             view = view[take:]
             if self._part_filled == self._part_size:
                 self._close_part()
 
+    def _part_digest(self) -> bytes:
+        return (self._part if self.part_digests else self._whole).digest()
+
     def _close_part(self) -> None:
-        self.part_digests.append(self._part.digest())
+        self.part_digests.append(self._part_digest())
         self._part = hashlib.sha256()
         self._part_filled = 0
 
@@ -108,7 +114,7 @@ class HashingReader:
         """The values S3 may report as ChecksumSHA256: the whole object's, or the composite one."""
         parts = list(self.part_digests)
         if self._part_filled or not parts:
-            parts.append(self._part.digest())
+            parts.append(self._part_digest())
         whole = base64.b64encode(self._whole.digest()).decode()
         composite = base64.b64encode(hashlib.sha256(b"".join(parts)).digest()).decode()
         return {whole, f"{composite}-{len(parts)}", composite}

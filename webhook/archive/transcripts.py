@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from sqlalchemy import ColumnElement, func, or_, select, update
-from sqlalchemy.orm import undefer
+from sqlalchemy.orm import Session, undefer
 
 from webhook.archive.storage import HashingReader, StorageError
 from webhook.db import rowcount, transaction
@@ -59,6 +59,16 @@ class _Due:
     audio_key: str
     retain_until: dt.datetime | None
     legal_hold: bool
+
+
+def transcript_waiting(session: Session, recording_id: str) -> bool:
+    """Whether the recording has a transcript not yet archived beside its audio."""
+    waiting = select(Transcript.id).where(
+        Transcript.recording_id == recording_id,
+        Transcript.archived_at.is_(None),
+        Transcript.sha256.is_not(None),
+    )
+    return session.execute(select(waiting.exists())).scalar_one()
 
 
 def archive_transcripts(services: Services, recording_id: str | None = None) -> int:

@@ -12,12 +12,13 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import requests
 import urllib3.exceptions
 from sqlalchemy import select, update
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session
 
 from webhook import notices, policy
 from webhook.archive.deletion import DELETE_EVERY_SECONDS, delete_from_plivo
@@ -25,7 +26,7 @@ from webhook.archive.media import MediaError, RefusedMedia, RefusedURL, media_li
 from webhook.archive.members import DETAILS_INTERVAL_SECONDS, fill_member_details, poll_members
 from webhook.archive.reconcile import reconcile
 from webhook.archive.storage import HashingReader, Interrupted, StorageError, StoredObject
-from webhook.archive.transcripts import archive_transcripts
+from webhook.archive.transcripts import archive_transcripts, transcript_waiting
 from webhook.config import archive_prefix
 from webhook.db import (
     NOT_MIGRATED,
@@ -89,6 +90,16 @@ def retry_delay(attempts: int, base: float) -> float:
     return ceiling / 2 + random.uniform(0, ceiling / 2)  # noqa: S311 - jitter, not a secret
 
 
+@dataclass(frozen=True)
+class Archived:
+    """A job whose recording is in the archive and confirmed: the outcome still to be written."""
+
+    job: Job
+    stored: StoredObject
+    values: dict[str, object]
+    seconds: float
+
+
 class LeaseKeeper(threading.Thread):
     """Extends a job's lease while it runs; notices when another worker has taken it over."""
 
@@ -141,8 +152,10 @@ class Worker:
 
     # --- the queue --------------------------------------------------------------------------
 
-    def claim(self) -> Job | None:
-        """Atomically take the next due recording (or one whose lease expired), or None."""
+    def claim(self, archived: Archived | None = None) -> Job | None:
+        """Atomically take the next due recording (or one whose lease expired), or None; first,
+        in the same transaction, write the outcome of the job just `archived` (a backlog then
+        costs one commit per recording, not two)."""
         now = utcnow()
         due = (
             select(Recording.id)
@@ -158,6 +171,7 @@ class Worker:
         )
         token = str(uuid.uuid4())
         with transaction(self.services.sessions) as session:
+            settled = None if archived is None else self._settle_archived(session, archived)
             row = session.execute(
                 update(Recording)
                 .where(Recording.id == due)
@@ -180,21 +194,11 @@ class Worker:
                     Recording.duration_ms,
                 )
             ).one_or_none()
-            if row is None:
-                return None
-            key = row.archive_key
-            if key is None:
-                # The worker that writes the object names it, from its own ARCHIVE_URL, once:
-                # later attempts (and rows keyed before this rule) keep the key on the row.
-                key = archive_key(
-                    archive_prefix(self.settings.archive_url),
-                    row.recording_id,
-                    row.start_ms,
-                    row.file_format or "mp3",
-                )
-                session.execute(
-                    update(Recording).where(Recording.id == row.id).values(archive_key=key)
-                )
+            key = None if row is None else self._key_of(session, row)
+        if archived is not None and settled is not None:
+            self._report_archived(archived, *settled)
+        if row is None or key is None:
+            return None
         return Job(
             id=row.id,
             recording_id=row.recording_id,
@@ -208,15 +212,57 @@ class Worker:
             duration_ms=row.duration_ms,
         )
 
+    def _key_of(self, session: Session, row: Any) -> str:
+        """The claimed row's archive key, named now if it has none."""
+        key: str | None = row.archive_key
+        if key is None:
+            # The worker that writes the object names it, from its own ARCHIVE_URL, once:
+            # later attempts (and rows keyed before this rule) keep the key on the row.
+            key = archive_key(
+                archive_prefix(self.settings.archive_url),
+                row.recording_id,
+                row.start_ms,
+                row.file_format or "mp3",
+            )
+            session.execute(update(Recording).where(Recording.id == row.id).values(archive_key=key))
+        return key
+
     def _settle(self, job: Job, **values: object) -> bool:
         """Write the outcome, but only while this worker still holds the job's lease."""
         with transaction(self.services.sessions) as session:
-            result = session.execute(
-                update(Recording)
-                .where(Recording.id == job.id, Recording.lease_token == job.lease_token)
-                .values(lease_token=None, updated_at=utcnow(), **values)
-            )
-            return rowcount(result) == 1
+            return self._settle_in(session, job, values)
+
+    @staticmethod
+    def _settle_in(session: Session, job: Job, values: dict[str, object]) -> bool:
+        result = session.execute(
+            update(Recording)
+            .where(Recording.id == job.id, Recording.lease_token == job.lease_token)
+            .values(lease_token=None, updated_at=utcnow(), **values)
+        )
+        return rowcount(result) == 1
+
+    def _settle_archived(self, session: Session, archived: Archived) -> tuple[bool, bool]:
+        """Mark the job archived (if its lease is still ours); and whether a transcript of it
+        waits to be archived beside the audio."""
+        marked = self._settle_in(session, archived.job, archived.values)
+        waiting = marked and transcript_waiting(session, archived.job.recording_id)
+        return marked, waiting
+
+    def _report_archived(self, archived: Archived, marked: bool, waiting: bool) -> None:
+        """After the outcome is committed: the transcript beside the audio, and the log line."""
+        if waiting:
+            self.archive_transcripts(archived.job.recording_id)
+        stored = archived.stored
+        log.info(
+            "archived" if marked else "archived, but the lease had passed to another worker",
+            extra={
+                "recording_id": archived.job.recording_id,
+                "key": stored.key,
+                "size": stored.size,
+                "sha256": stored.sha256,
+                "seconds": archived.seconds,
+            },
+        )
 
     def _fail_or_retry(self, job: Job, error: str, permanent: bool = False) -> None:
         if permanent or job.attempts >= self.settings.archive_max_attempts:
@@ -247,14 +293,26 @@ class Worker:
 
     def process(self, job: Job) -> None:
         """Archive one claimed recording and record the outcome."""
+        archived = self.archive(job)
+        if archived is not None:
+            self._finish(archived)
+
+    def _finish(self, archived: Archived) -> None:
+        with transaction(self.services.sessions) as session:
+            settled = self._settle_archived(session, archived)
+        self._report_archived(archived, *settled)
+
+    def archive(self, job: Job) -> Archived | None:
+        """Archive one claimed recording: what to write when it is in the archive and confirmed
+        (the caller writes it); a failure or a give-back is written here (None)."""
         started = time.perf_counter()
         if job.attempts > self.settings.archive_max_attempts:
             # Claimed again after its lease expired on the last attempt: a worker died with it.
             self._fail_or_retry(job, "the worker stopped during the last attempt", permanent=True)
-            return
+            return None
         if not job.record_url:
             self._fail_or_retry(job, "no record_url known for this recording", permanent=True)
-            return
+            return None
         keeper = LeaseKeeper(self.services, job)
         keeper.start()
         try:
@@ -262,26 +320,26 @@ class Worker:
             stored = self._copy(job, lambda: self.stop.is_set() or keeper.lost)
         except (RefusedURL, RefusedMedia) as exc:
             self._fail_or_retry(job, f"refused: {exc}", permanent=True)
-            return
+            return None
         except BadParameter as exc:
             self._fail_or_retry(job, f"Plivo's Recording API: {exc.message}", permanent=True)
-            return
+            return None
         except Interrupted:
             if keeper.lost:
                 log.warning(
                     "lease lost; leaving the job to its new worker",
                     extra={"recording_id": job.recording_id},
                 )
-                return
+                return None
             # Shutting down: give the job back at once, without counting the attempt.
             self._settle(
                 job, status=Status.PENDING, attempts=job.attempts - 1, next_attempt_at=utcnow()
             )
             log.info("released on shutdown", extra={"recording_id": job.recording_id})
-            return
+            return None
         except RETRYABLE as exc:
             self._fail_or_retry(job, f"{type(exc).__name__}: {exc}"[:2000])
-            return
+            return None
         except DBAPIError:
             raise  # the outcome cannot be written now: the lease expires and the job is retaken
         except Exception as exc:
@@ -289,34 +347,23 @@ class Worker:
             # goes to the log, the job to its retries (then `failed`), and the loop goes on.
             log.exception("unexpected error in job", extra={"recording_id": job.recording_id})
             self._fail_or_retry(job, f"unexpected error: {type(exc).__name__}: {exc}"[:2000])
-            return
+            return None
         finally:
             keeper.stop()
-        marked = self._settle(
-            job,
-            status=Status.ARCHIVED,
-            archive_key=stored.key,
-            archive_size=stored.size,
-            archive_sha256=stored.sha256,
-            archive_version_id=stored.version_id,
-            archived_at=utcnow(),
-            retain_until=self._retain_until(job),
-            last_error=None,
-            next_attempt_at=None,
-            archive_seconds=round(time.perf_counter() - started, 3),
-        )
-        if marked:
-            self.archive_transcripts(job.recording_id)
-        log.info(
-            "archived" if marked else "archived, but the lease had passed to another worker",
-            extra={
-                "recording_id": job.recording_id,
-                "key": stored.key,
-                "size": stored.size,
-                "sha256": stored.sha256,
-                "seconds": round(time.perf_counter() - started, 3),
-            },
-        )
+        seconds = round(time.perf_counter() - started, 3)
+        values: dict[str, object] = {
+            "status": Status.ARCHIVED,
+            "archive_key": stored.key,
+            "archive_size": stored.size,
+            "archive_sha256": stored.sha256,
+            "archive_version_id": stored.version_id,
+            "archived_at": utcnow(),
+            "retain_until": self._retain_until(job),
+            "last_error": None,
+            "next_attempt_at": None,
+            "archive_seconds": seconds,
+        }
+        return Archived(job, stored, values, seconds)
 
     def _retain_until(self, job: Job) -> dt.datetime | None:
         days = self.settings.retention_days
@@ -448,14 +495,20 @@ class Worker:
         done = 0
         db_failures = 0
         chores_due = 0.0
+        # A job archived and confirmed, its outcome written with the next claim.
+        archived: Archived | None = None
         while not self.stop.is_set():
             try:
                 # Chores claim their turns in the database: look at most once a second, not
                 # between every two jobs of a backlog.
                 if not once and time.monotonic() >= chores_due:
+                    if archived is not None:
+                        self._finish(archived)  # not kept waiting behind the chores
+                        archived = None
                     chores_due = time.monotonic() + CHORES_EVERY_SECONDS
                     self._chores()
-                job = self.claim()
+                job = self.claim(archived)
+                archived = None
                 db_failures = 0
             except DBAPIError as exc:
                 db_failures += 1
@@ -478,7 +531,7 @@ class Worker:
                 self.stop.wait(poll_seconds)
                 continue
             try:
-                self.process(job)
+                archived = self.archive(job)
             except DBAPIError as exc:
                 # The outcome could not be written: the lease expires and the job is taken again.
                 log.warning(
@@ -487,6 +540,16 @@ class Worker:
                     extra={"recording_id": job.recording_id},
                 )
             done += 1
+        if archived is not None:
+            try:
+                self._finish(archived)
+            except DBAPIError as exc:
+                # Its lease expires and another attempt archives it again (same key).
+                log.warning(
+                    "database unavailable while finishing a job: %s",
+                    exc.orig,
+                    extra={"recording_id": archived.job.recording_id},
+                )
         return done
 
     # --- policy chores ----------------------------------------------------------------------
