@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from webhook import services
-from webhook.db import request_session, transaction
+from webhook.db import request_session
 from webhook.errors import APIError, BadParameter
 from webhook.members import (
     UNSETTLED_SLACK,
@@ -201,9 +201,10 @@ def receive(dispatch: Dispatch) -> Response:
         "nonce": verified.nonce,
     }
     in_one_statement = ONE_STATEMENT.get(handle)
+    outcome = None
     if in_one_statement is not None and services(current_app).on_postgresql:
         outcome = in_one_statement(verified.fields, entry)
-    else:
+    if outcome is None:
         session = request_session()
         outcome = handle(session, verified.fields)
         logged = insert_ignoring_conflict(
@@ -233,37 +234,33 @@ def store_recording(session: Session, fields: Mapping[str, str]) -> Outcome:
     )
 
 
-# A recording callback on PostgreSQL, stored and logged in one autocommitted statement, run as
-# written (psycopg's parameter style, nothing to compile): the recording inserted (or one started
-# through the API moved to pending, as record_report does), the callback logged with its nonce
-# under the unique index, so that a replayed nonce fails the whole statement and leaves nothing
-# stored. It also says whether a member of the conference may have been present (the candidates
-# of members.py), the only case in which the participants need recomputing.
+# A recording callback on PostgreSQL that needs nothing more than its row and its log entry,
+# stored and logged in one autocommitted statement run as written (psycopg's parameter style,
+# nothing to compile): the recording inserted, the callback logged with its nonce under the
+# unique index, so that a replayed nonce fails the whole statement and leaves nothing stored.
+# A callback that needs more (a recording started through the API moves to pending, or members
+# of the conference may have been present, so its participants must be recomputed with it)
+# writes nothing here and says so: it takes the general path, in one transaction.
 RECORDING_AND_LOG = """
-WITH rec AS (
-    INSERT INTO recordings AS r (
+WITH more AS (
+    SELECT EXISTS (SELECT FROM recordings
+                   WHERE recording_id = %(recording_id)s AND status = %(recording)s)
+        OR EXISTS (SELECT FROM conference_members m
+                   WHERE m.conference_name = %(conference_name)s
+                     AND (m.last_seen_at >= %(seen_since)s
+                          OR m.conference_uuid = %(conference_uuid)s)) AS needed
+), rec AS (
+    INSERT INTO recordings (
         recording_id, conference_name, conference_uuid, api_id, record_url, file_format,
         duration_ms, duration_s, start_ms, end_ms, status, next_attempt_at, attempts,
         legal_hold, created_at, updated_at)
-    VALUES (
+    SELECT
         %(recording_id)s, %(conference_name)s, %(conference_uuid)s, %(api_id)s,
         %(record_url)s, %(file_format)s, %(duration_ms)s, %(duration_s)s, %(start_ms)s,
-        %(end_ms)s, %(pending)s, %(now)s, 0, false, %(now)s, %(now)s)
-    ON CONFLICT (recording_id) DO UPDATE SET
-        record_url = excluded.record_url,
-        file_format = excluded.file_format,
-        duration_ms = excluded.duration_ms,
-        duration_s = excluded.duration_s,
-        end_ms = excluded.end_ms,
-        status = excluded.status,
-        next_attempt_at = excluded.next_attempt_at,
-        updated_at = excluded.updated_at,
-        start_ms = CASE WHEN %(start_reported)s THEN excluded.start_ms ELSE r.start_ms END,
-        conference_name = coalesce(r.conference_name, excluded.conference_name),
-        api_id = coalesce(r.api_id, excluded.api_id),
-        conference_uuid = coalesce(r.conference_uuid, excluded.conference_uuid)
-    WHERE r.status = %(recording)s
-    RETURNING xmax = 0 AS inserted
+        %(end_ms)s, %(pending)s, %(now)s, 0, false, %(now)s, %(now)s
+    WHERE NOT (SELECT needed FROM more)
+    ON CONFLICT (recording_id) DO NOTHING
+    RETURNING 1
 ), logged AS (
     INSERT INTO callback_log (
         received_at, kind, recording_id, method, remote_addr, headers, body, query,
@@ -272,17 +269,18 @@ WITH rec AS (
         %(now)s, %(kind)s, %(recording_id)s, %(method)s, %(remote_addr)s,
         CAST(%(headers)s AS json), %(body)s, %(query)s, %(signature_verdict)s, %(nonce)s,
         NOT EXISTS (SELECT FROM rec)
-    RETURNING id
+    WHERE NOT (SELECT needed FROM more)
+    RETURNING 1
 )
-SELECT (SELECT inserted FROM rec),
-    EXISTS (SELECT FROM conference_members m
-            WHERE m.conference_name = %(conference_name)s
-              AND (m.last_seen_at >= %(seen_since)s OR m.conference_uuid = %(conference_uuid)s))
+SELECT (SELECT needed FROM more), EXISTS (SELECT FROM rec)
 """
 
 
-def store_recording_in_one_statement(fields: Mapping[str, str], entry: dict[str, Any]) -> Outcome:
-    """store_recording and the callback's log row in one round trip (PostgreSQL)."""
+def store_recording_in_one_statement(
+    fields: Mapping[str, str], entry: dict[str, Any]
+) -> Outcome | None:
+    """store_recording and the callback's log row in one round trip (PostgreSQL); None, having
+    written nothing, when the callback needs the general path."""
     report = parse_report(fields)
     now = entry["received_at"]
     start_ms = estimated_start_ms(report, now)
@@ -298,29 +296,26 @@ def store_recording_in_one_statement(fields: Mapping[str, str], entry: dict[str,
         "duration_ms": report.duration_ms,
         "duration_s": None if report.duration_ms is None else report.duration_ms // 1000,
         "start_ms": start_ms,
-        "start_reported": report.start_ms is not None,
         "end_ms": report.end_ms,
         "pending": Status.PENDING.value,
         "recording": Status.RECORDING.value,
         "now": now,
         "seen_since": dt.datetime.fromtimestamp(start_ms / 1000, dt.UTC) - UNSETTLED_SLACK,
     }
-    services_ = services(current_app)
     try:
-        with services_.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            inserted, members_seen = conn.exec_driver_sql(RECORDING_AND_LOG, values).one()
+        engine = services(current_app).engine
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            needed, inserted = conn.exec_driver_sql(RECORDING_AND_LOG, values).one()
     except IntegrityError as error:
         if getattr(getattr(error.orig, "diag", None), "constraint_name", None) == NONCE_UNIQUE:
             raise _refuse("replayed_nonce", "This signature nonce was used before") from None
         raise
-    stored = inserted is not None  # a new row, or one started through the API moved to pending
-    if (stored and not inserted) or members_seen:
-        with transaction(services_.sessions) as session:
-            refresh_recording(session, report.recording_id)
+    if needed:
+        return None
     return Outcome(
-        {"status": "accepted" if stored else "duplicate", "recording_id": report.recording_id},
+        {"status": "accepted" if inserted else "duplicate", "recording_id": report.recording_id},
         recording_id=report.recording_id,
-        duplicate=not stored,
+        duplicate=not inserted,
     )
 
 
@@ -350,7 +345,7 @@ def conference_callback(fields: Mapping[str, str]) -> tuple[str, Handler]:
 
 
 # Handlers that PostgreSQL runs with their log row in one statement, instead of handler + log.
-ONE_STATEMENT: dict[Handler, Callable[[Mapping[str, str], dict[str, Any]], Outcome]] = {
+ONE_STATEMENT: dict[Handler, Callable[[Mapping[str, str], dict[str, Any]], Outcome | None]] = {
     store_recording: store_recording_in_one_statement
 }
 

@@ -156,6 +156,17 @@ class Worker:
         """Atomically take the next due recording (or one whose lease expired), or None; first,
         in the same transaction, write the outcome of the job just `archived` (a backlog then
         costs one commit per recording, not two)."""
+        with transaction(self.services.sessions) as session:
+            settled = None if archived is None else self._settle_archived(session, archived)
+            # A transcript waiting to go beside that audio goes first, and the next job is
+            # claimed after it: no lease runs unattended meanwhile.
+            transcript_first = settled is not None and settled[1]
+            job = None if transcript_first else self._claim_in(session)
+        if archived is not None and settled is not None:
+            self._report_archived(archived, *settled)
+        return self.claim() if transcript_first else job
+
+    def _claim_in(self, session: Session) -> Job | None:
         now = utcnow()
         due = (
             select(Recording.id)
@@ -170,40 +181,35 @@ class Worker:
             .scalar_subquery()
         )
         token = str(uuid.uuid4())
-        with transaction(self.services.sessions) as session:
-            settled = None if archived is None else self._settle_archived(session, archived)
-            row = session.execute(
-                update(Recording)
-                .where(Recording.id == due)
-                .values(
-                    status=Status.ARCHIVING,
-                    lease_token=token,
-                    next_attempt_at=now + dt.timedelta(seconds=self.settings.archive_lease_seconds),
-                    attempts=Recording.attempts + 1,
-                    updated_at=now,
-                )
-                .returning(
-                    Recording.id,
-                    Recording.recording_id,
-                    Recording.record_url,
-                    Recording.archive_key,
-                    Recording.file_format,
-                    Recording.attempts,
-                    Recording.start_ms,
-                    Recording.end_ms,
-                    Recording.duration_ms,
-                )
-            ).one_or_none()
-            key = None if row is None else self._key_of(session, row)
-        if archived is not None and settled is not None:
-            self._report_archived(archived, *settled)
-        if row is None or key is None:
+        row = session.execute(
+            update(Recording)
+            .where(Recording.id == due)
+            .values(
+                status=Status.ARCHIVING,
+                lease_token=token,
+                next_attempt_at=now + dt.timedelta(seconds=self.settings.archive_lease_seconds),
+                attempts=Recording.attempts + 1,
+                updated_at=now,
+            )
+            .returning(
+                Recording.id,
+                Recording.recording_id,
+                Recording.record_url,
+                Recording.archive_key,
+                Recording.file_format,
+                Recording.attempts,
+                Recording.start_ms,
+                Recording.end_ms,
+                Recording.duration_ms,
+            )
+        ).one_or_none()
+        if row is None:
             return None
         return Job(
             id=row.id,
             recording_id=row.recording_id,
             record_url=row.record_url,
-            archive_key=key,
+            archive_key=self._key_of(session, row),
             file_format=row.file_format,
             lease_token=token,
             attempts=row.attempts,
@@ -497,59 +503,64 @@ class Worker:
         chores_due = 0.0
         # A job archived and confirmed, its outcome written with the next claim.
         archived: Archived | None = None
-        while not self.stop.is_set():
-            try:
-                # Chores claim their turns in the database: look at most once a second, not
-                # between every two jobs of a backlog.
-                if not once and time.monotonic() >= chores_due:
-                    if archived is not None:
-                        self._finish(archived)  # not kept waiting behind the chores
-                        archived = None
-                    chores_due = time.monotonic() + CHORES_EVERY_SECONDS
-                    self._chores()
-                job = self.claim(archived)
-                archived = None
-                db_failures = 0
-            except DBAPIError as exc:
-                db_failures += 1
-                if is_schema_missing(exc):
-                    # Retried too: the release phase may be migrating right now.
-                    log.error(
-                        "%s; %s", NOT_MIGRATED, UPGRADE_HINT, extra={"error": describe_error(exc)}
+        try:
+            while not self.stop.is_set():
+                try:
+                    # Chores claim their turns in the database: look at most once a second, not
+                    # between every two jobs of a backlog.
+                    if not once and time.monotonic() >= chores_due:
+                        if archived is not None:
+                            self._finish(archived)  # not kept waiting behind the chores
+                            archived = None
+                        chores_due = time.monotonic() + CHORES_EVERY_SECONDS
+                        self._chores()
+                    job = self.claim(archived)
+                    archived = None
+                    db_failures = 0
+                except DBAPIError as exc:
+                    db_failures += 1
+                    if is_schema_missing(exc):
+                        # Retried too: the release phase may be migrating right now.
+                        log.error(
+                            "%s; %s",
+                            NOT_MIGRATED,
+                            UPGRADE_HINT,
+                            extra={"error": describe_error(exc)},
+                        )
+                    else:
+                        log.warning("database unavailable: %s", exc.orig)
+                    if once and db_failures >= 5:
+                        raise
+                    self.stop.wait(min(2.0**db_failures, 30.0))
+                    continue
+                if job is None:
+                    if once:
+                        # Also the transcripts that came after their audio was archived.
+                        self.archive_transcripts()
+                        break
+                    self.stop.wait(poll_seconds)
+                    continue
+                try:
+                    archived = self.archive(job)
+                except DBAPIError as exc:
+                    # The outcome could not be written: the lease expires, the job is taken again.
+                    log.warning(
+                        "database unavailable while finishing a job: %s",
+                        exc.orig,
+                        extra={"recording_id": job.recording_id},
                     )
-                else:
-                    log.warning("database unavailable: %s", exc.orig)
-                if once and db_failures >= 5:
-                    raise
-                self.stop.wait(min(2.0**db_failures, 30.0))
-                continue
-            if job is None:
-                if once:
-                    # Also the transcripts that came after their audio was archived.
-                    self.archive_transcripts()
-                    break
-                self.stop.wait(poll_seconds)
-                continue
-            try:
-                archived = self.archive(job)
-            except DBAPIError as exc:
-                # The outcome could not be written: the lease expires and the job is taken again.
-                log.warning(
-                    "database unavailable while finishing a job: %s",
-                    exc.orig,
-                    extra={"recording_id": job.recording_id},
-                )
-            done += 1
-        if archived is not None:
-            try:
-                self._finish(archived)
-            except DBAPIError as exc:
-                # Its lease expires and another attempt archives it again (same key).
-                log.warning(
-                    "database unavailable while finishing a job: %s",
-                    exc.orig,
-                    extra={"recording_id": archived.job.recording_id},
-                )
+                done += 1
+        finally:
+            if archived is not None:
+                try:
+                    self._finish(archived)
+                except DBAPIError as exc:
+                    # Its lease expires and another attempt archives it again (same key).
+                    log.warning(
+                        "database unavailable while finishing a job: %s",
+                        exc.orig,
+                        extra={"recording_id": archived.job.recording_id},
+                    )
         return done
 
     # --- policy chores ----------------------------------------------------------------------
