@@ -51,7 +51,7 @@ from tests.processes import Deployment, Process, process_env, read_procfile
 from webhook import services
 from webhook.archive.storage import PART_SIZE, HashingReader, Interrupted
 from webhook.archive.worker import Worker
-from webhook.db import make_engine
+from webhook.db import execute_autocommitted, make_engine
 from webhook.models import CallbackLog, Recording, Status, utcnow
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -853,6 +853,37 @@ def test_callback_answers_503_while_the_database_refuses_and_200_once_it_is_back
     assert rows.status("db-down") == Status.PENDING
     assert rows.count(Recording, Recording.recording_id == "db-down") == 1
     assert client.get("/healthz").status_code in (200, 503)  # the archive is not this test's
+
+
+@pytest.mark.postgres
+@outage_needs_postgres
+def test_a_statement_run_through_psycopg_itself_fails_as_sqlalchemys_and_recovers(
+    database_url: str,
+) -> None:
+    """execute_autocommitted (the callback's one statement): a connection the server dropped
+    comes out as SQLAlchemy's OperationalError, is invalidated, and the next call reconnects;
+    a constraint violation is SQLAlchemy's IntegrityError and leaves nothing behind."""
+    engine = make_engine(database_url, pool_size=1)
+    try:
+        pid = execute_autocommitted(engine, "SELECT pg_backend_pid()", {})[0]
+        killer = make_engine(database_url)
+        with killer.connect() as other:
+            other.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+        killer.dispose()
+        with pytest.raises(sa.exc.OperationalError) as dropped:
+            execute_autocommitted(engine, "SELECT pg_backend_pid()", {})
+        assert dropped.value.connection_invalidated
+        assert execute_autocommitted(engine, "SELECT pg_backend_pid()", {})[0] != pid
+
+        insert = "INSERT INTO schedules (name, next_run_at) VALUES (%(name)s, now()) RETURNING name"
+        assert execute_autocommitted(engine, insert, {"name": "once"}) == ("once",)
+        with pytest.raises(sa.exc.IntegrityError):
+            execute_autocommitted(engine, insert, {"name": "once"})
+        # Autocommitted: the first row stays, the connection is usable and out of any transaction.
+        (count,) = execute_autocommitted(engine, "SELECT count(*) FROM schedules", {})
+        assert count == 1
+    finally:
+        engine.dispose()
 
 
 PARTITION_TIMEOUT = 2  # DATABASE_TIMEOUT_SECONDS in the partition tests

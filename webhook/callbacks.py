@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from webhook import services
-from webhook.db import request_session
+from webhook.db import execute_autocommitted, request_session
 from webhook.errors import APIError, BadParameter
 from webhook.members import (
     UNSETTLED_SLACK,
@@ -304,8 +304,7 @@ def store_recording_in_one_statement(
     }
     try:
         engine = services(current_app).engine
-        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            needed, inserted = conn.exec_driver_sql(RECORDING_AND_LOG, values).one()
+        needed, inserted = execute_autocommitted(engine, RECORDING_AND_LOG, values)
     except IntegrityError as error:
         if getattr(getattr(error.orig, "diag", None), "constraint_name", None) == NONCE_UNIQUE:
             raise _refuse("replayed_nonce", "This signature nonce was used before") from None

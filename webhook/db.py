@@ -163,6 +163,52 @@ def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
         yield session
 
 
+def execute_autocommitted(engine: Engine, statement: str, params: dict[str, Any]) -> Any:
+    """Run one statement in a transaction of its own and return its first row: PostgreSQL,
+    on a pooled connection, through psycopg itself (the statement in psycopg's parameter style).
+
+    For the busiest statement of the service: SQLAlchemy's Connection around it cost a fifth of
+    a callback's CPU. Errors still come out as SQLAlchemy's (IntegrityError, OperationalError…),
+    and a connection the database dropped is invalidated, as SQLAlchemy would.
+    """
+    dbapi_error = engine.dialect.loaded_dbapi.Error
+    raw: Any = None
+    try:
+        pooled = engine.raw_connection()
+    except dbapi_error as error:
+        raise _wrapped(engine, statement, error, raw) from error
+    try:
+        raw = pooled.driver_connection
+        raw.autocommit = True
+        try:
+            return raw.execute(statement, params).fetchone()
+        finally:
+            if not raw.closed:
+                raw.autocommit = False
+    except dbapi_error as error:
+        wrapped = _wrapped(engine, statement, error, raw)
+        if wrapped.connection_invalidated:
+            pooled.invalidate(error)
+        raise wrapped from error
+    finally:
+        pooled.close()
+
+
+def _wrapped(engine: Engine, statement: str, error: Any, raw: Any) -> DBAPIError:
+    invalidated = raw is None or bool(engine.dialect.is_disconnect(error, raw, None))
+    wrapped = DBAPIError.instance(
+        statement,
+        None,
+        error,
+        engine.dialect.loaded_dbapi.Error,
+        hide_parameters=True,
+        connection_invalidated=invalidated,
+        dialect=engine.dialect,
+    )
+    assert isinstance(wrapped, DBAPIError)
+    return wrapped
+
+
 NOT_MIGRATED = "the database is not migrated to this version of the service"
 UPGRADE_HINT = "run `webhook db upgrade` (the Procfile's release phase does it on each deploy)"
 # PostgreSQL's undefined_table and undefined_column; SQLite says so in words.
