@@ -11,10 +11,19 @@ import sqlalchemy as sa
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
 
 from tests.conftest import ON_POSTGRES, fresh_postgres_database
 from webhook.config import normalise_database_url
-from webhook.db import alembic_config, upgrade
+from webhook.db import (
+    HEAD_REVISION,
+    alembic_config,
+    current_revision,
+    make_engine,
+    migrations_folder,
+    migrations_pending,
+    upgrade,
+)
 from webhook.fulltext import is_search_structure
 from webhook.models import Base, utcnow
 
@@ -46,6 +55,25 @@ def test_migrations_run_up_down_and_up_again(empty_database_url: str) -> None:
     assert table_names(empty_database_url) == set()
     upgrade(empty_database_url)
     assert table_names(empty_database_url) == set(Base.metadata.tables)
+
+
+def test_the_service_knows_the_newest_migration_and_reads_where_a_database_is(
+    empty_database_url: str,
+) -> None:
+    script = ScriptDirectory(str(migrations_folder()))
+    assert script.get_current_head() == HEAD_REVISION  # a new migration must move it
+    engine = make_engine(empty_database_url)
+    try:
+        assert current_revision(engine) is None
+        assert "has no migrations applied" in (migrations_pending(engine) or "")
+        upgrade(empty_database_url, "0012")
+        assert current_revision(engine) == "0012"
+        assert "is at revision 0012" in (migrations_pending(engine) or "")
+        upgrade(empty_database_url)
+        assert current_revision(engine) == HEAD_REVISION
+        assert migrations_pending(engine) is None
+    finally:
+        engine.dispose()
 
 
 def test_models_match_the_migrated_schema(database_url: str) -> None:
