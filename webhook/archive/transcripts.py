@@ -16,8 +16,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from sqlalchemy import ColumnElement, func, or_, select, update
-from sqlalchemy.orm import Session, undefer
+from sqlalchemy import ColumnElement, Connection, Table, func, or_, select, update
+from sqlalchemy.orm import undefer
 
 from webhook.archive.storage import HashingReader, StorageError
 from webhook.db import rowcount, transaction
@@ -61,14 +61,15 @@ class _Due:
     legal_hold: bool
 
 
-def transcript_waiting(session: Session, recording_id: str) -> bool:
+def transcript_waiting(connection: Connection, recording_id: str) -> bool:
     """Whether the recording has a transcript not yet archived beside its audio."""
-    waiting = select(Transcript.id).where(
-        Transcript.recording_id == recording_id,
-        Transcript.archived_at.is_(None),
-        Transcript.sha256.is_not(None),
+    table: Table = Transcript.__table__  # type: ignore[assignment]  # Core: no ORM overhead
+    waiting = select(table.c.id).where(
+        table.c.recording_id == recording_id,
+        table.c.archived_at.is_(None),
+        table.c.sha256.is_not(None),
     )
-    return session.execute(select(waiting.exists())).scalar_one()
+    return bool(connection.execute(select(waiting.exists())).scalar_one())
 
 
 def archive_transcripts(services: Services, recording_id: str | None = None) -> int:
