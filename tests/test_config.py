@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from sqlalchemy.pool import QueuePool
 
+from webhook import create_app, services
 from webhook.config import DEFAULT_RECORDING_HOSTS, ConfigError, load
 
 INSTANCE = "/srv/instance"
@@ -104,6 +106,27 @@ def test_media_download_bounds_have_defaults_and_are_validated() -> None:
             load(INSTANCE, {name: bad})
 
 
+def test_database_pool_size_defaults_to_20_connections_a_process() -> None:
+    assert load(INSTANCE, {}).database_pool_size == 20
+    settings = load(
+        INSTANCE,
+        {
+            "DATABASE_URL": "postgresql://u@127.0.0.1:1/x",
+            "ARCHIVE_URL": "s3://archive-bucket/recordings",
+            "DATABASE_POOL_SIZE": "7",
+        },
+    )
+    assert settings.database_pool_size == 7
+    # The app's engine keeps at most that many (nothing connects until a request needs it).
+    app = create_app({"SETTINGS": settings})
+    engine = services(app).engine
+    try:
+        assert isinstance(engine.pool, QueuePool)
+        assert engine.pool.size() == 7
+    finally:
+        engine.dispose()
+
+
 def test_member_poll_seconds_defaults_to_a_minute_and_zero_turns_it_off() -> None:
     assert load(INSTANCE, {}).member_poll_seconds == 60
     assert load(INSTANCE, {"MEMBER_POLL_SECONDS": "5"}).member_poll_seconds == 5
@@ -169,6 +192,8 @@ PLATFORM = {"DYNO": "web.1", "DATABASE_URL": "postgres://h/d", "ARCHIVE_URL": "s
         ({"RECORDING_NOTICE_LANGUAGE": "English"}, "RECORDING_NOTICE_LANGUAGE must look like"),
         ({"DELETE_FROM_PLIVO_AFTER_DAYS": "-1"}, "DELETE_FROM_PLIVO_AFTER_DAYS must be a number"),
         ({"DELETE_FROM_PLIVO_AFTER_DAYS": "nan"}, "DELETE_FROM_PLIVO_AFTER_DAYS must be a number"),
+        ({"DATABASE_POOL_SIZE": "0"}, "DATABASE_POOL_SIZE must be at least 1"),
+        ({"DATABASE_POOL_SIZE": "many"}, "DATABASE_POOL_SIZE must be a whole number"),
         ({"MEDIA_MAX_BYTES": "2GB"}, "MEDIA_MAX_BYTES must be a whole number"),
         ({"MEDIA_MAX_BYTES": "100"}, "MEDIA_MAX_BYTES must be at least 1024"),
         ({"MEDIA_DEADLINE_SECONDS": "0"}, "MEDIA_DEADLINE_SECONDS must be at least 1"),
