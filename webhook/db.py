@@ -23,7 +23,7 @@ DATABASE_TIMEOUT_SECONDS = 5
 # The most connections one process opens (DATABASE_POOL_SIZE). Concurrent callbacks commit
 # together (PostgreSQL flushes their commits in one write): a pool smaller than the requests in
 # flight makes them queue for a connection instead (bench/ingest.py: 5 + 5 overflow gave 0.35 of
-# the reference's throughput, 20 gave 0.73).
+# the reference's throughput, 20 + 5 gave 0.73).
 DATABASE_POOL_SIZE = 20
 # A pooled connection unused for this long is pinged before a request may use it.
 PING_AFTER_IDLE_SECONDS = 2.0
