@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import sys
 import threading
 import time
@@ -21,9 +22,23 @@ from webhook.archive.worker import Worker
 from webhook.conferences import AlreadyRecording, start_recording
 from webhook.config import ConfigError, load
 from webhook.db import transaction
-from webhook.models import ConferenceClaim, Recording, Role, Schedule, Status, utcnow
-from webhook.notices import MAX_FAILED_NOTICES, notify_entered, notify_member
+from webhook.models import (
+    ConferenceClaim,
+    ConferenceMember,
+    Recording,
+    Role,
+    Schedule,
+    Status,
+    utcnow,
+)
+from webhook.notices import (
+    MAX_FAILED_NOTICES,
+    START_NOTICE_SECONDS,
+    notify_entered,
+    notify_member,
+)
 from webhook.policy import AUTO_RECORD_STARTER, auto_record, must_record
+from webhook.recordings import record_start
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -343,6 +358,42 @@ def test_a_member_who_enters_later_is_told_once(make_app: AppFactory, plivo: Fak
     # Nothing to do for a conference nobody records, or without a notice set.
     assert notify_member(services(app), "elsewhere", "1") is None
     assert notify_member(services(make_app()), "board", "9") is None
+
+
+def test_members_there_at_the_start_are_left_to_the_start_while_it_tells_them(
+    make_app: AppFactory, plivo: FakePlivo
+) -> None:
+    """Two workers: one starts a recording (committed, its notice to the members not yet sent);
+    the other's chore must not tell those members a second time meanwhile."""
+    app = make_app(RECORDING_NOTICE_TEXT=NOTICE)
+    svc = services(app)
+    members = plivo.add_conference("board")
+    with transaction(svc.sessions) as session:
+        recording_pk = record_start(
+            session,
+            recording_id="rec-being-started",
+            conference_name="board",
+            file_format="mp3",
+            api_id=None,
+            record_url=None,
+            members=members,
+            started_by="ops",
+        ).id
+    assert notify_member(svc, "board", "1") == "waiting"
+    assert notify_entered(svc) == 0
+    assert plivo.notices == []
+    with transaction(svc.sessions) as session:  # nobody marked as told by the waiting chore
+        notified = session.scalars(select(ConferenceMember.notified_at)).all()
+    assert notified == [None, None]
+
+    # A start that died before telling anyone: after START_NOTICE_SECONDS the chore tells them.
+    long_ago = utcnow() - dt.timedelta(seconds=START_NOTICE_SECONDS + 1)
+    with transaction(svc.sessions) as session:
+        session.execute(
+            update(Recording).where(Recording.id == recording_pk).values(created_at=long_ago)
+        )
+    assert notify_entered(svc) == 2
+    assert sorted(n["member_ids"][0] for n in plivo.notices) == ["1", "2"]
 
 
 def test_a_failed_notice_to_an_entering_member_is_tried_again(

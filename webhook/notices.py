@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 PLAYED = "played"
 FAILED = "failed"
+# Not a stored outcome: the start of the recording is telling the member right now.
+WAITING = "waiting"
 
 
 @dataclass(frozen=True)
@@ -118,14 +120,15 @@ def notify_member(
 
     Idempotent per (recording, member): a member already told is not told again (a failed notice
     is tried again). Makes a Plivo request, so call it from a worker, never inside a callback
-    request. Answers "played" or "failed", or None when there was nothing to do (no notice set,
-    the conference is not being recorded, or the member was told already).
+    request. Answers "played" or "failed"; "waiting" when the start of the recording is telling
+    the member right now; None when there was nothing to do (no notice set, the conference is
+    not being recorded, or the member was told already).
     """
     if not notice_configured(svc) or not member_id:
         return None
     with transaction(svc.sessions) as session:
         recording = session.execute(
-            select(Recording.id, Recording.recording_id)
+            select(Recording.id, Recording.recording_id, Recording.created_at)
             .where(
                 Recording.conference_name == conference_name, Recording.status == Status.RECORDING
             )
@@ -143,12 +146,49 @@ def notify_member(
                 )
             )
         )
-    if told:
-        return None
+        if told:
+            return None
+        if _left_to_the_start(session, recording, conference_name, member_id):
+            return WAITING
     member = Member(member_id, call_uuid)
     error = _send(svc, conference_name, [member_id])
     _store(svc, recording.id, recording.recording_id, [member], error)
     return FAILED if error else PLAYED
+
+
+# Whoever starts a recording tells the members present then, in one Plivo request, after the
+# recording is committed. For this long, those members are left to it: nobody is told twice.
+START_NOTICE_SECONDS = 30
+
+
+def _left_to_the_start(
+    session: Session, recording: Any, conference_name: str, member_id: str
+) -> bool:
+    """Whether the start of this recording is telling this member right now: the member was
+    there when it started, the start's outcome for the member is not stored yet, and the start
+    was less than START_NOTICE_SECONDS ago (after that, a start that died is taken over)."""
+    if recording.created_at < utcnow() - dt.timedelta(seconds=START_NOTICE_SECONDS):
+        return False
+    stored = session.scalar(
+        select(
+            exists().where(
+                RecordingNotice.recording_pk == recording.id,
+                RecordingNotice.member_id == member_id,
+            )
+        )
+    )
+    if stored:
+        return False
+    there_at_start = session.scalar(
+        select(
+            exists().where(
+                ConferenceMember.conference_name == conference_name,
+                ConferenceMember.member_id == member_id,
+                ConferenceMember.joined_at <= recording.created_at,
+            )
+        )
+    )
+    return bool(there_at_start)
 
 
 # A notice that keeps failing for one member is not asked of Plivo again and again.
@@ -180,7 +220,7 @@ def notify_entered(svc: Services) -> int:
         if _failed_notices(svc, conference_name, member_id) >= MAX_FAILED_NOTICES:
             continue
         outcome = notify_member(svc, conference_name, member_id, call_uuid)
-        if outcome == FAILED:
+        if outcome in (FAILED, WAITING):
             continue
         told += outcome == PLAYED
         with transaction(svc.sessions) as session:
