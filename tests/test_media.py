@@ -470,3 +470,52 @@ def test_fuzz_strategy_reaches_every_server(media_settings, hosts, resolver) -> 
         _approved, error = fetch(media_settings, hosts.url(host))
         assert error is None, error
         assert [a.address for a in hosts.seen()] == [address]
+
+
+# --- kept-alive connections -----------------------------------------------------------------------
+
+
+def test_downloads_reuse_a_kept_alive_connection_to_the_approved_address_until_it_idles(
+    database_url: str, tmp_path: Path, plivo: FakePlivo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A backlog of recordings on one media host costs one connection, not one per recording;
+    a connection left idle is closed rather than trusted (a NAT may have dropped it)."""
+    connections: list[tuple[str, int]] = []
+
+    class KeepAlive(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def setup(self) -> None:
+            super().setup()
+            connections.append(self.client_address)
+
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "audio/mpeg")
+            self.send_header("Content-Length", str(len(BODY)))
+            self.end_headers()
+            self.wfile.write(BODY)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            """Quiet."""
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), KeepAlive)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        settings = make_settings(
+            database_url, f"file://{tmp_path}/archive", plivo, RECORDING_HOSTS="127.0.0.1"
+        )
+        url = f"http://127.0.0.1:{server.server_address[1]}/recording.mp3"
+        for _ in range(3):
+            approved, error = fetch(settings, url)
+            assert error is None and len(approved) == 1  # each download checked, as always
+        assert len(connections) == 1
+
+        monkeypatch.setattr(media, "MEDIA_IDLE_SECONDS", 0.0)
+        assert fetch(settings, url)[1] is None
+        assert len(connections) == 2
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()

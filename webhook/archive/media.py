@@ -14,7 +14,6 @@ moment of the worker being told to stop, even while a read is blocked: a watchdo
 from __future__ import annotations
 
 import contextlib
-import functools
 import ipaddress
 import math
 import re
@@ -258,15 +257,33 @@ class _HTTPSPool(urllib3.HTTPSConnectionPool):
     ConnectionCls = _HTTPSConnection
 
 
-@functools.cache
-def _pinned_pools() -> urllib3.PoolManager:
+# A kept-alive media connection unused for this long is closed rather than reused: a NAT or the
+# host may have dropped it without a word, and a read on it would wait out the read timeout.
+MEDIA_IDLE_SECONDS = 10.0
+
+
+class _PinnedPools:
     """This process's connections to approved addresses, kept alive from one download to the
     next. A pool is keyed by the address the check approved (and, for TLS, the host name the
     certificate is checked against), so a connection is only ever reused for a request that was
     approved for that very address."""
-    pools = urllib3.PoolManager(num_pools=10, maxsize=4, block=False)
-    pools.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
-    return pools
+
+    def __init__(self) -> None:
+        self._pools = urllib3.PoolManager(num_pools=10, maxsize=4, block=False)
+        self._pools.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
+        self._last_used = -math.inf
+        self._lock = threading.Lock()
+
+    def get(self) -> urllib3.PoolManager:
+        with self._lock:
+            now = time.monotonic()
+            if now - self._last_used > MEDIA_IDLE_SECONDS:
+                self._pools.clear()  # a download under way keeps its connection until it ends
+            self._last_used = now
+            return self._pools
+
+
+_PINNED_POOLS = _PinnedPools()
 
 
 class PinnedAdapter(HTTPAdapter):
@@ -281,7 +298,7 @@ class PinnedAdapter(HTTPAdapter):
         self.target = target
         self.dialled = dialled
         self.poolmanager.clear()
-        self.poolmanager = _pinned_pools()
+        self.poolmanager = _PINNED_POOLS.get()
 
     def build_connection_pool_key_attributes(
         self, request: requests.PreparedRequest, verify: Any, cert: Any = None
