@@ -137,18 +137,17 @@ def notify_member(
         ).first()
         if recording is None:
             return None
-        told = session.scalar(
-            select(
-                exists().where(
+        outcomes = set(
+            session.scalars(
+                select(RecordingNotice.outcome).where(
                     RecordingNotice.recording_pk == recording.id,
                     RecordingNotice.member_id == member_id,
-                    RecordingNotice.outcome == PLAYED,
                 )
             )
         )
-        if told:
+        if PLAYED in outcomes:
             return None
-        if _left_to_the_start(session, recording, conference_name, member_id):
+        if not outcomes and _left_to_the_start(session, recording, conference_name, member_id):
             return WAITING
     member = Member(member_id, call_uuid)
     error = _send(svc, conference_name, [member_id])
@@ -164,20 +163,10 @@ START_NOTICE_SECONDS = 30
 def _left_to_the_start(
     session: Session, recording: Any, conference_name: str, member_id: str
 ) -> bool:
-    """Whether the start of this recording is telling this member right now: the member was
-    there when it started, the start's outcome for the member is not stored yet, and the start
-    was less than START_NOTICE_SECONDS ago (after that, a start that died is taken over)."""
+    """Whether the start of this recording, which has stored no outcome for this member yet, is
+    telling the member right now: the member was there when it started, and the start was less
+    than START_NOTICE_SECONDS ago (after that, a start that died is taken over)."""
     if recording.created_at < utcnow() - dt.timedelta(seconds=START_NOTICE_SECONDS):
-        return False
-    stored = session.scalar(
-        select(
-            exists().where(
-                RecordingNotice.recording_pk == recording.id,
-                RecordingNotice.member_id == member_id,
-            )
-        )
-    )
-    if stored:
         return False
     there_at_start = session.scalar(
         select(
