@@ -29,8 +29,8 @@ from webhook.members import (
 from webhook.models import CallbackLog, Status, utcnow
 from webhook.recordings import (
     CAMEL_NAMES,
-    estimated_start_ms,
     insert_ignoring_conflict,
+    new_recording_row,
     parse_report,
     record_report,
 )
@@ -257,7 +257,8 @@ WITH more AS (
     SELECT
         %(recording_id)s, %(conference_name)s, %(conference_uuid)s, %(api_id)s,
         %(record_url)s, %(file_format)s, %(duration_ms)s, %(duration_s)s, %(start_ms)s,
-        %(end_ms)s, %(pending)s, %(now)s, 0, false, %(now)s, %(now)s
+        %(end_ms)s, %(status)s, %(next_attempt_at)s, %(attempts)s, %(legal_hold)s,
+        %(created_at)s, %(updated_at)s
     WHERE NOT (SELECT needed FROM more)
     ON CONFLICT (recording_id) DO NOTHING
     RETURNING 1
@@ -266,7 +267,7 @@ WITH more AS (
         received_at, kind, recording_id, method, remote_addr, headers, body, query,
         signature_verdict, nonce, duplicate)
     SELECT
-        %(now)s, %(kind)s, %(recording_id)s, %(method)s, %(remote_addr)s,
+        %(received_at)s, %(kind)s, %(recording_id)s, %(method)s, %(remote_addr)s,
         CAST(%(headers)s AS json), %(body)s, %(query)s, %(signature_verdict)s, %(nonce)s,
         NOT EXISTS (SELECT FROM rec)
     WHERE NOT (SELECT needed FROM more)
@@ -282,25 +283,13 @@ def store_recording_in_one_statement(
     """store_recording and the callback's log row in one round trip (PostgreSQL); None, having
     written nothing, when the callback needs the general path."""
     report = parse_report(fields)
-    now = entry["received_at"]
-    start_ms = estimated_start_ms(report, now)
+    row = new_recording_row(report, entry["received_at"])
     values = {
         **entry,
+        **row,
         "headers": json.dumps(entry["headers"]),
-        "recording_id": report.recording_id,
-        "conference_name": report.conference_name,
-        "conference_uuid": report.conference_uuid,
-        "api_id": report.api_id,
-        "record_url": report.record_url,
-        "file_format": report.file_format,
-        "duration_ms": report.duration_ms,
-        "duration_s": None if report.duration_ms is None else report.duration_ms // 1000,
-        "start_ms": start_ms,
-        "end_ms": report.end_ms,
-        "pending": Status.PENDING.value,
         "recording": Status.RECORDING.value,
-        "now": now,
-        "seen_since": dt.datetime.fromtimestamp(start_ms / 1000, dt.UTC) - UNSETTLED_SLACK,
+        "seen_since": dt.datetime.fromtimestamp(row["start_ms"] / 1000, dt.UTC) - UNSETTLED_SLACK,
     }
     try:
         engine = services(current_app).engine

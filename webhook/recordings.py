@@ -173,6 +173,42 @@ def estimated_start_ms(report: RecordingReport, now: dt.datetime) -> int:
     return end - (report.duration_ms or 0)
 
 
+# What a recording's callback says of it, written again when the callback finishes a recording
+# that was started through the API.
+REPORTED = (
+    "record_url",
+    "file_format",
+    "duration_ms",
+    "duration_s",
+    "end_ms",
+    "status",
+    "next_attempt_at",
+    "updated_at",
+)
+
+
+def new_recording_row(report: RecordingReport, now: dt.datetime) -> dict[str, Any]:
+    """The row of a recording first known from its callback: queued for the archive at once."""
+    return {
+        "recording_id": report.recording_id,
+        "conference_name": report.conference_name,
+        "conference_uuid": report.conference_uuid,
+        "api_id": report.api_id,
+        "record_url": report.record_url,
+        "file_format": report.file_format,
+        "duration_ms": report.duration_ms,
+        "duration_s": None if report.duration_ms is None else report.duration_ms // 1000,
+        "start_ms": estimated_start_ms(report, now),
+        "end_ms": report.end_ms,
+        "status": Status.PENDING.value,
+        "next_attempt_at": now,
+        "attempts": 0,
+        "legal_hold": False,
+        "created_at": now,
+        "updated_at": now,
+    }
+
+
 def record_report(
     session: Session, report: RecordingReport, now: dt.datetime | None = None
 ) -> bool:
@@ -184,38 +220,14 @@ def record_report(
     object, so it follows that worker's own ARCHIVE_URL.
     """
     now = now or utcnow()
-    start_ms = estimated_start_ms(report, now)
-    reported = {
-        "record_url": report.record_url,
-        "file_format": report.file_format,
-        "duration_ms": report.duration_ms,
-        "duration_s": None if report.duration_ms is None else report.duration_ms // 1000,
-        "end_ms": report.end_ms,
-        "status": Status.PENDING,
-        "next_attempt_at": now,
-        "updated_at": now,
-    }
-    inserted = insert_ignoring_conflict(
-        session,
-        Recording,
-        {
-            **reported,
-            "recording_id": report.recording_id,
-            "conference_name": report.conference_name,
-            "conference_uuid": report.conference_uuid,
-            "api_id": report.api_id,
-            "start_ms": start_ms,
-            "attempts": 0,
-            "legal_hold": False,
-            "created_at": now,
-        },
-    )
+    row = new_recording_row(report, now)
+    inserted = insert_ignoring_conflict(session, Recording, row)
     if inserted:
         return True
     existing = session.scalars(
         select(Recording).where(Recording.recording_id == report.recording_id)
     ).one()
-    changes: dict[str, Any] = dict(reported)
+    changes: dict[str, Any] = {name: row[name] for name in REPORTED}
     if report.start_ms is not None:
         changes["start_ms"] = report.start_ms
     if existing.conference_name is None and report.conference_name:
