@@ -98,8 +98,7 @@ class Archived:
 
     job: Job
     stored: StoredObject
-    values: dict[str, object]
-    seconds: float
+    values: dict[str, object]  # the row's new columns, archive_seconds among them
 
 
 class LeaseKeeper(threading.Thread):
@@ -116,9 +115,9 @@ class LeaseKeeper(threading.Thread):
         lease = self.services.settings.archive_lease_seconds
         while not self._done.wait(lease / 3):
             try:
-                with transaction(self.services.sessions) as session:
+                with self.services.engine.begin() as connection:
                     kept = rowcount(
-                        session.execute(
+                        connection.execute(
                             update(RECORDINGS)
                             .where(
                                 RECORDINGS.c.id == self.job.id,
@@ -270,7 +269,7 @@ class Worker:
                 "key": stored.key,
                 "size": stored.size,
                 "sha256": stored.sha256,
-                "seconds": archived.seconds,
+                "seconds": archived.values["archive_seconds"],
             },
         )
 
@@ -360,7 +359,6 @@ class Worker:
             return None
         finally:
             keeper.stop()
-        seconds = round(time.perf_counter() - started, 3)
         values: dict[str, object] = {
             "status": Status.ARCHIVED,
             "archive_key": stored.key,
@@ -371,9 +369,9 @@ class Worker:
             "retain_until": self._retain_until(job),
             "last_error": None,
             "next_attempt_at": None,
-            "archive_seconds": seconds,
+            "archive_seconds": round(time.perf_counter() - started, 3),
         }
-        return Archived(job, stored, values, seconds)
+        return Archived(job, stored, values)
 
     def _retain_until(self, job: Job) -> dt.datetime | None:
         days = self.settings.retention_days
