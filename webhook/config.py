@@ -182,7 +182,7 @@ class Settings:
     request_read_seconds: int
     response_write_seconds: int
     database_timeout_seconds: int
-    database_pool_size: int = 20
+    database_pool_size: int
     auto_record: tuple[str, ...] = ()
     auto_record_interval_seconds: int = 30
     recording_notice_text: str | None = None

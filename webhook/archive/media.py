@@ -297,7 +297,9 @@ class PinnedAdapter(HTTPAdapter):
         super().__init__(max_retries=0)
         self.target = target
         self.dialled = dialled
-        self.poolmanager.clear()
+
+    def init_poolmanager(self, *_args: Any, **_kwargs: Any) -> None:
+        """The process's kept-alive pinned connections, not a pool of this adapter's own."""
         self.poolmanager = _PINNED_POOLS.get()
 
     def build_connection_pool_key_attributes(
