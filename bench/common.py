@@ -508,19 +508,9 @@ def temp_database(tag: str, admin_url: str | None = None) -> Iterator[str]:
     """A new PostgreSQL database with the service's migrations applied; dropped afterwards."""
     import sqlalchemy as sa
 
-    from webhook.config import normalise_database_url
-    from webhook.db import upgrade
-
-    admin = sa.make_url(normalise_database_url(admin_url or admin_database_url()))
-    if not admin.drivername.startswith("postgresql"):
-        raise RuntimeError(f"the benchmarks need PostgreSQL, not {admin.drivername}")
     name = f"bench_{tag}_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-    engine = sa.create_engine(admin, isolation_level="AUTOCOMMIT")
-    with engine.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    url = admin.set(database=name).render_as_string(hide_password=False)
+    url, _existed, engine = _migrated_database(name, admin_url)
     try:
-        upgrade(url)
         yield url
     finally:
         with engine.connect() as conn:
@@ -532,29 +522,43 @@ def temp_database(tag: str, admin_url: str | None = None) -> Iterator[str]:
 def kept_database(name: str, admin_url: str | None = None) -> Iterator[tuple[str, bool]]:
     """The PostgreSQL database `name`, created and migrated when missing, kept afterwards: the
     URL, and whether it was there already (its data can then be measured again, not reloaded)."""
+    if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", name):
+        raise ValueError(f"{name!r} is not a plain lower-case database name")
+    url, existed, engine = _migrated_database(name, admin_url)
+    engine.dispose()
+    yield url, existed
+
+
+def _migrated_database(name: str, admin_url: str | None) -> tuple[str, bool, Any]:
+    """Database `name` on the benchmarks' PostgreSQL server, created when missing and migrated:
+    its URL, whether it was there already, and an engine on the maintenance database."""
     import sqlalchemy as sa
 
     from webhook.config import normalise_database_url
     from webhook.db import upgrade
 
-    if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", name):
-        raise ValueError(f"{name!r} is not a plain lower-case database name")
     admin = sa.make_url(normalise_database_url(admin_url or admin_database_url()))
+    if not admin.drivername.startswith("postgresql"):
+        raise RuntimeError(f"the benchmarks need PostgreSQL, not {admin.drivername}")
     engine = sa.create_engine(admin, isolation_level="AUTOCOMMIT")
-    try:
-        with engine.connect() as conn:
-            existed = bool(
-                conn.execute(
-                    sa.text("SELECT 1 FROM pg_database WHERE datname = :name"), {"name": name}
-                ).scalar()
-            )
-            if not existed:
-                conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    finally:
-        engine.dispose()
+    with engine.connect() as conn:
+        existed = bool(
+            conn.execute(
+                sa.text("SELECT 1 FROM pg_database WHERE datname = :name"), {"name": name}
+            ).scalar()
+        )
+        if not existed:
+            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
     url = admin.set(database=name).render_as_string(hide_password=False)
-    upgrade(url)
-    yield url, existed
+    try:
+        upgrade(url)
+    except BaseException:
+        if not existed:
+            with engine.connect() as conn:
+                conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        engine.dispose()
+        raise
+    return url, existed, engine
 
 
 def libpq_url(sqlalchemy_url: str) -> str:
