@@ -42,7 +42,10 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--database-url", default=None, help="PostgreSQL server to use")
     parser.add_argument("--timeout", type=float, default=None, help="hard limit, seconds")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    return args
 
 
 def build_callbacks(public_url: str, tag: str, prefix: str, count: int) -> list[bytes]:
