@@ -630,6 +630,41 @@ def test_two_claims_take_two_different_jobs(app, plivo) -> None:
     assert row(app, "rec-a").attempts == 1
 
 
+def test_an_outcome_rides_on_the_next_claim_only_while_the_lease_is_held(app, plivo) -> None:
+    audio = {name: mp3_bytes(2000) + name.encode() for name in ("rec-1", "rec-2", "rec-3")}
+    for name, content in audio.items():
+        queue(app, plivo, name, content)
+    worker = Worker(services(app))
+
+    first = worker.claim()
+    assert first is not None
+    archived = worker.archive(first)
+    assert archived is not None
+    # Its lease ran out while it was archived, but nobody took it over: still ours to settle,
+    # and not claimed again by the same claim.
+    set_row(app, first.recording_id, next_attempt_at=utcnow() - dt.timedelta(seconds=1))
+    second = worker.claim(archived)
+    assert second is not None and second.recording_id != first.recording_id
+    settled = row(app, first.recording_id)
+    assert settled.status == Status.ARCHIVED
+    assert settled.lease_token is None
+    assert settled.archive_sha256 == hashlib.sha256(audio[first.recording_id]).hexdigest()
+    assert settled.attempts == 1
+
+    # Another worker holds the second job now: the late outcome is not written.
+    archived = worker.archive(second)
+    assert archived is not None
+    set_row(app, second.recording_id, lease_token="another-worker-lease")
+    third = worker.claim(archived)
+    assert third is not None
+    assert third.recording_id not in (first.recording_id, second.recording_id)
+    stolen = row(app, second.recording_id)
+    assert stolen.status == Status.ARCHIVING
+    assert stolen.lease_token == "another-worker-lease"
+    assert stolen.archived_at is None
+    assert row(app, third.recording_id).archive_key == third.archive_key
+
+
 def test_claimed_job_waits_for_its_lease_then_the_late_worker_is_ignored(app, plivo) -> None:
     audio = mp3_bytes(3000)
     queue(app, plivo, "rec-lease", audio)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
@@ -166,29 +166,52 @@ def execute_autocommitted(engine: Engine, statement: str, params: dict[str, Any]
     """Run one statement in a transaction of its own and return its first row: PostgreSQL,
     on a pooled connection, through psycopg itself (the statement in psycopg's parameter style).
 
-    For the busiest statement of the service: SQLAlchemy's Connection around it cost a fifth of
-    a callback's CPU. Errors still come out as SQLAlchemy's (IntegrityError, OperationalError…),
-    and a connection the database dropped is invalidated, as SQLAlchemy would.
+    For the busiest statements of the service: SQLAlchemy's Connection around one cost a fifth
+    of a callback's CPU. Errors still come out as SQLAlchemy's (IntegrityError,
+    OperationalError…), and a connection the database dropped is invalidated, as SQLAlchemy
+    would.
     """
+    with autocommitted(engine) as execute:
+        return execute(statement, params)
+
+
+Execute = Callable[[str, dict[str, Any]], Any]
+
+
+@contextmanager
+def autocommitted(engine: Engine) -> Iterator[Execute]:
+    """One pooled PostgreSQL connection for a few statements, each a transaction of its own,
+    run as `execute_autocommitted` runs one (a statement that returns no rows answers None)."""
     dbapi_error = engine.dialect.loaded_dbapi.Error
-    raw: Any = None
     try:
         pooled = engine.raw_connection()
     except dbapi_error as error:
-        raise _wrapped(engine, statement, error, raw) from error
-    try:
-        raw = pooled.driver_connection
-        raw.autocommit = True
-        try:
-            return raw.execute(statement, params).fetchone()
-        finally:
-            if not raw.closed:
-                raw.autocommit = False
-    except dbapi_error as error:
+        raise _wrapped(engine, "", error, None) from error
+    raw: Any = pooled.driver_connection
+
+    def failed(statement: str, error: Exception) -> DBAPIError:
         wrapped = _wrapped(engine, statement, error, raw)
         if wrapped.connection_invalidated:
             pooled.invalidate(error)
-        raise wrapped from error
+        return wrapped
+
+    def execute(statement: str, params: dict[str, Any]) -> Any:
+        try:
+            cursor = raw.execute(statement, params)
+            return None if cursor.description is None else cursor.fetchone()
+        except dbapi_error as error:
+            raise failed(statement, error) from error
+
+    try:
+        try:
+            raw.autocommit = True
+        except dbapi_error as error:
+            raise failed("", error) from error
+        try:
+            yield execute
+        finally:
+            if not raw.closed:
+                raw.autocommit = False
     finally:
         pooled.close()
 

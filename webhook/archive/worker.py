@@ -12,7 +12,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import requests
 import urllib3.exceptions
@@ -30,6 +30,7 @@ from webhook.config import archive_prefix
 from webhook.db import (
     NOT_MIGRATED,
     UPGRADE_HINT,
+    autocommitted,
     describe_error,
     is_schema_missing,
     rowcount,
@@ -53,6 +54,70 @@ log = logging.getLogger(__name__)
 # The queue's statements run on the table itself: SQLAlchemy's ORM-enabled UPDATE cost about a
 # millisecond of CPU per job.
 RECORDINGS: Table = Recording.__table__  # type: ignore[assignment]
+
+# An archived job's columns, as the settle writes them (with lease_token and updated_at).
+SETTLED_COLUMNS = (
+    "status",
+    "archive_key",
+    "archive_size",
+    "archive_sha256",
+    "archive_version_id",
+    "archived_at",
+    "retain_until",
+    "archive_seconds",
+)
+# `Worker.claim` on PostgreSQL, run as written (psycopg's parameter style): the job just archived
+# settled while its lease is still ours, whether a transcript of it waits to go beside the audio,
+# and, unless one does, the next due row claimed, skipping rows other workers are claiming (and
+# the settled row itself: one statement may not update a row twice). One round trip, one commit.
+SETTLE_AND_CLAIM = """
+WITH settled AS (
+    UPDATE recordings SET
+        status = %(status)s, archive_key = %(archive_key)s, archive_size = %(archive_size)s,
+        archive_sha256 = %(archive_sha256)s, archive_version_id = %(archive_version_id)s,
+        archived_at = %(archived_at)s, retain_until = %(retain_until)s,
+        archive_seconds = %(archive_seconds)s, last_error = NULL, next_attempt_at = NULL,
+        lease_token = NULL, updated_at = %(now)s
+    WHERE id = %(settle_id)s AND lease_token = %(settle_token)s
+    RETURNING recording_id
+), waiting AS (
+    SELECT EXISTS (SELECT FROM transcripts t JOIN settled USING (recording_id)
+                   WHERE t.archived_at IS NULL AND t.sha256 IS NOT NULL) AS waiting
+), due AS (
+    SELECT id FROM recordings
+    WHERE status IN ('pending', 'archiving') AND next_attempt_at <= %(now)s
+      AND id IS DISTINCT FROM %(settle_id)s
+    ORDER BY next_attempt_at
+    LIMIT 1
+    FOR UPDATE SKIP LOCKED
+), claimed AS (
+    UPDATE recordings r SET
+        status = %(archiving)s, lease_token = %(token)s, next_attempt_at = %(lease_until)s,
+        attempts = r.attempts + 1, updated_at = %(now)s
+    FROM due
+    WHERE r.id = due.id AND NOT (SELECT waiting FROM waiting)
+    RETURNING r.id, r.recording_id, r.record_url, r.archive_key, r.file_format, r.attempts,
+        r.start_ms, r.end_ms, r.duration_ms
+)
+SELECT EXISTS (SELECT FROM settled), (SELECT waiting FROM waiting), claimed.*
+FROM (SELECT) AS one LEFT JOIN claimed ON TRUE
+"""
+NAME_KEY = "UPDATE recordings SET archive_key = %(key)s WHERE id = %(id)s AND archive_key IS NULL"
+
+
+class Claimed(NamedTuple):
+    """A row SETTLE_AND_CLAIM claimed, as `Worker._claim_in` returns one."""
+
+    id: int
+    recording_id: str
+    record_url: str | None
+    archive_key: str | None
+    file_format: str | None
+    attempts: int
+    start_ms: int
+    end_ms: int | None
+    duration_ms: int | None
+
 
 CONTENT_TYPES = {"mp3": "audio/mpeg", "wav": "audio/wav"}
 MAX_RETRY_DELAY = 6 * 3600.0
@@ -157,15 +222,52 @@ class Worker:
         """Atomically take the next due recording (or one whose lease expired), or None; first,
         in the same transaction, write the outcome of the job just `archived` (a backlog then
         costs one commit per recording, not two)."""
-        with self.services.engine.begin() as connection:
-            settled = None if archived is None else self._settle_archived(connection, archived)
-            # A transcript waiting to go beside that audio goes first, and the next job is
-            # claimed after it: no lease runs unattended meanwhile.
-            transcript_first = settled is not None and settled[1]
-            job = None if transcript_first else self._claim_in(connection)
+        if self.services.on_postgresql:
+            settled, job = self._settle_and_claim_in_one_statement(archived)
+        else:
+            with self.services.engine.begin() as connection:
+                settled = None if archived is None else self._settle_archived(connection, archived)
+                # A transcript waiting to go beside that audio goes first, and the next job is
+                # claimed after it: no lease runs unattended meanwhile.
+                job = None if settled is not None and settled[1] else self._claim_in(connection)
         if archived is not None and settled is not None:
             self._report_archived(archived, *settled)
-        return self.claim() if transcript_first else job
+        return self.claim() if settled is not None and settled[1] else job
+
+    def _settle_and_claim_in_one_statement(
+        self, archived: Archived | None
+    ) -> tuple[tuple[bool, bool] | None, Job | None]:
+        """`claim` on PostgreSQL: the outcome written, the transcript looked for and the next job
+        claimed in one autocommitted statement (its key named in a second, when it has none)."""
+        now = utcnow()
+        token = str(uuid.uuid4())
+        params: dict[str, object] = {
+            "now": now,
+            "token": token,
+            "archiving": Status.ARCHIVING.value,
+            "lease_until": now + dt.timedelta(seconds=self.settings.archive_lease_seconds),
+            "settle_id": None,
+            "settle_token": None,
+            **dict.fromkeys(SETTLED_COLUMNS),
+        }
+        if archived is not None:
+            values = {**archived.values, "status": Status.ARCHIVED.value}
+            params.update(
+                {column: values[column] for column in SETTLED_COLUMNS},
+                settle_id=archived.job.id,
+                settle_token=archived.job.lease_token,
+            )
+        with autocommitted(self.services.engine) as execute:
+            marked, waiting, *columns = execute(SETTLE_AND_CLAIM, params)
+            settled = None if archived is None else (bool(marked), bool(waiting))
+            if columns[0] is None:
+                return settled, None
+            row = Claimed(*columns)
+            key = row.archive_key
+            if key is None:
+                key = self._new_key(row)
+                execute(NAME_KEY, {"key": key, "id": row.id})
+        return settled, self._job(row, token, key)
 
     def _claim_in(self, connection: Connection) -> Job | None:
         now = utcnow()
@@ -206,11 +308,34 @@ class Worker:
         ).one_or_none()
         if row is None:
             return None
+        key = row.archive_key
+        if key is None:
+            key = self._new_key(row)
+            connection.execute(
+                update(RECORDINGS).where(RECORDINGS.c.id == row.id).values(archive_key=key)
+            )
+        return self._job(row, token, key)
+
+    def _new_key(self, row: Any) -> str:
+        """The archive key of a claimed row that has none yet.
+
+        The worker that writes the object names it, from its own ARCHIVE_URL, once: later
+        attempts (and rows keyed before this rule) keep the key on the row.
+        """
+        return archive_key(
+            archive_prefix(self.settings.archive_url),
+            row.recording_id,
+            row.start_ms,
+            row.file_format or "mp3",
+        )
+
+    @staticmethod
+    def _job(row: Any, token: str, key: str) -> Job:
         return Job(
             id=row.id,
             recording_id=row.recording_id,
             record_url=row.record_url,
-            archive_key=self._key_of(connection, row),
+            archive_key=key,
             file_format=row.file_format,
             lease_token=token,
             attempts=row.attempts,
@@ -218,23 +343,6 @@ class Worker:
             end_ms=row.end_ms,
             duration_ms=row.duration_ms,
         )
-
-    def _key_of(self, connection: Connection, row: Any) -> str:
-        """The claimed row's archive key, named now if it has none."""
-        key: str | None = row.archive_key
-        if key is None:
-            # The worker that writes the object names it, from its own ARCHIVE_URL, once:
-            # later attempts (and rows keyed before this rule) keep the key on the row.
-            key = archive_key(
-                archive_prefix(self.settings.archive_url),
-                row.recording_id,
-                row.start_ms,
-                row.file_format or "mp3",
-            )
-            connection.execute(
-                update(RECORDINGS).where(RECORDINGS.c.id == row.id).values(archive_key=key)
-            )
-        return key
 
     def _settle(self, job: Job, **values: object) -> bool:
         """Write the outcome, but only while this worker still holds the job's lease."""
