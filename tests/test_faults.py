@@ -1191,8 +1191,9 @@ def test_replays_and_garbage_through_gunicorn(
     assert rows.count(Recording, Recording.recording_id == "head-planted") == 0
     assert rows.count(CallbackLog, CallbackLog.nonce == head_headers[NONCE_HEADER]) == 0
 
-    # --- a nonce stays refused as long as the log keeps its request: a day later, after the
-    # worker's chores have run, the first callback is still a replay ---------------------------
+    # --- a nonce stays refused as long as the log keeps its request: nothing prunes nonces and
+    # the log cannot be emptied (tests/test_migrations.py); after a worker has run, the first
+    # callback is still a replay ------------------------------------------------------------
     old_nonce = first_headers[NONCE_HEADER]
     with rows.sessions() as session:
         logged_request = session.scalars(

@@ -240,7 +240,7 @@ class LegalHoldEvent(Base):
 
 
 class Schedule(Base):
-    """When a periodic chore (nonce pruning, reconcile) is next due; one worker claims each turn."""
+    """When a periodic chore (reconcile, auto-record…) is next due; one worker claims each turn."""
 
     __tablename__ = "schedules"
 
