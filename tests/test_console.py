@@ -260,6 +260,23 @@ def test_search_uses_the_api_filters_and_shows_the_result_row(app):
     assert "/console/recordings/s2" in client.get("/console/?conference_prefix=Desk+2").text
 
 
+def test_the_search_form_has_a_field_for_every_filter_of_the_api(app):
+    spec = app.test_client().get("/openapi.json").get_json()
+    filters = {
+        parameter["name"]
+        for parameter in spec["paths"]["/api/recordings"]["get"]["parameters"]
+        if parameter["in"] == "query" and parameter["name"] != "cursor"
+    }
+    assert {"participant", "conference", "q", "notified", "legal_hold"} <= filters
+    page = signed_in(app).get("/console/").text
+    for name in filters:
+        assert re.search(rf'<(input|select) id="{name}" name="{name}"', page), name
+        assert f'<label for="{name}">' in page, name
+    for value in ("true", "false"):
+        chosen = signed_in(app).get(f"/console/?notified={value}").text
+        assert f'<option value="{value}" selected>' in chosen
+
+
 def test_search_pages_with_the_api_cursor_keeping_the_filters(app):
     seed(app, *(Seed(f"p{n}", start_ms=1704103200000 + n * 1000) for n in range(3)))
     client = signed_in(app)
