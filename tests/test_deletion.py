@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from flask import Flask
@@ -167,6 +168,44 @@ def test_with_retention_configured_only_a_locked_object_is_deleted(
     assert result.deleted == 1
     assert plivo.deleted_recordings == ["locked"]
     assert "unlocked" in plivo.recordings
+
+
+def test_a_lock_s3_no_longer_holds_or_an_unreadable_archive_is_refused_and_kept_on_plivo(
+    make_app: AppFactory, plivo: FakePlivo, s3_endpoint: str, s3: Any
+) -> None:
+    locked = make_bucket(s3_endpoint, object_lock=True)
+    env = {"RETENTION_DAYS": "30", "OBJECT_LOCK_MODE": "GOVERNANCE"}
+    app = make_app(f"s3://{locked}", DELETE_FROM_PLIVO_AFTER_DAYS="1", **env)
+    archived(app, plivo, "lock-shortened", 2 * DAY)
+    archived(app, plivo, "object-gone", 2 * DAY)
+    # The database still says retained for 30 days; S3 is what counts. Someone with the
+    # governance bypass shortened the lock to the past: not safe to delete from Plivo.
+    shortened = shown(app, "lock-shortened")
+    s3.put_object_retention(
+        Bucket=locked,
+        Key=shortened["archive"]["key"],
+        VersionId=shortened["archive"]["version_id"],
+        Retention={"Mode": "GOVERNANCE", "RetainUntilDate": dt.datetime.now(dt.UTC) - DAY},
+        BypassGovernanceRetention=True,
+    )
+    assert shown(app, "lock-shortened")["retain_until"] is not None
+    with services(app).sessions.begin() as session:
+        gone = session.scalars(select(Recording).where(Recording.recording_id == "object-gone"))
+        gone.one().archive_key = "nowhere/object-gone.mp3"
+
+    result = delete_from_plivo(services(app))
+
+    assert (result.deleted, result.refused, result.mismatched) == (0, 2, 0)
+    assert plivo.deleted_recordings == []
+    reasons = {
+        name: [(d["outcome"], d["error"]) for d in shown(app, name)["plivo_deletions"]]
+        for name in ("lock-shortened", "object-gone")
+    }
+    assert reasons["lock-shortened"][0][0] == "refused"
+    assert "no Object Lock retention" in reasons["lock-shortened"][0][1]
+    assert reasons["object-gone"][0][0] == "refused"
+    assert "archive not readable" in reasons["object-gone"][0][1]
+    assert shown(app, "lock-shortened")["plivo_deleted_at"] is None
 
 
 def test_a_running_worker_deletes_a_recording_soon_after_it_becomes_eligible(
