@@ -13,7 +13,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
-from tests.conftest import ON_POSTGRES, fresh_postgres_database
+from tests.conftest import ON_POSTGRES, AppFactory, fresh_postgres_database, token_for
 from webhook.config import normalise_database_url
 from webhook.db import (
     HEAD_REVISION,
@@ -25,7 +25,7 @@ from webhook.db import (
     upgrade,
 )
 from webhook.fulltext import is_search_structure
-from webhook.models import Base, utcnow
+from webhook.models import Base, Role, UTCDateTime, utcnow
 
 
 @pytest.fixture
@@ -334,3 +334,108 @@ def test_console_sessions_survive_the_staff_name_migration(empty_database_url: s
             )
     finally:
         engine.dispose()
+
+
+def test_participants_stored_before_member_events_keep_their_rows_through_the_upgrade(
+    empty_database_url: str, make_app: AppFactory
+) -> None:
+    # 0010 rebuilds participants on SQLite to add its columns and constraints; the participants
+    # snapshotted by a 0009 service must come through it unchanged, marked as snapshots.
+    upgrade(empty_database_url, "0009")
+    engine = sa.create_engine(normalise_database_url(empty_database_url))
+    at = sa.bindparam("at", type_=UTCDateTime())
+    try:
+        with engine.begin() as conn:
+            recording_pk = conn.execute(
+                sa.text(
+                    "INSERT INTO recordings (recording_id, conference_name, api_id, file_format, "
+                    "duration_s, duration_ms, start_ms, end_ms, status, attempts, archive_key, "
+                    "archive_size, archive_sha256, archived_at, legal_hold, started_by, "
+                    "created_at, updated_at) VALUES ('rec-0009', 'board-call', 'api-0009', "
+                    "'mp3', 60, 60000, 1795000000000, 1795000060000, 'archived', 1, "
+                    "'recordings/rec-0009.mp3', 1024, :sha, :at, false, 'carol', :at, :at) "
+                    "RETURNING id"
+                ).bindparams(at),
+                {"sha": "c" * 64, "at": utcnow()},
+            ).scalar_one()
+            snapshots = [
+                {
+                    "member_id": "11",
+                    "from": "+1 (415) 555-0100",
+                    "to": "+14155550199",
+                    "from_key": "14155550100",
+                    "to_key": "14155550199",
+                    "caller_name": "Maria Lopez",
+                    "direction": "inbound",
+                    "call_uuid": "call-uuid-11",
+                    "join_time": "3",
+                },
+                {
+                    "member_id": "12",
+                    "from": "sip:alice@example.sip.plivo.com",
+                    "to": "sip:board-call@example.sip.plivo.com",
+                    "from_key": "alice@example.sip.plivo.com",
+                    "to_key": "board-call@example.sip.plivo.com",
+                    "caller_name": None,
+                    "direction": "inbound",
+                    "call_uuid": "call-uuid-12",
+                    "join_time": "17",
+                },
+            ]
+            ids = [
+                conn.execute(
+                    sa.text(
+                        'INSERT INTO participants (recording_pk, member_id, "from", "to", '
+                        "from_key, to_key, caller_name, direction, call_uuid, join_time) "
+                        "VALUES (:recording_pk, :member_id, :from, :to, :from_key, :to_key, "
+                        ":caller_name, :direction, :call_uuid, :join_time) RETURNING id"
+                    ),
+                    {"recording_pk": recording_pk, **snapshot},
+                ).scalar_one()
+                for snapshot in snapshots
+            ]
+
+        upgrade(empty_database_url)
+
+        with engine.connect() as conn:
+            rows = conn.execute(sa.text("SELECT * FROM participants ORDER BY id")).mappings()
+            assert [dict(row) for row in rows] == [
+                {
+                    "id": participant_id,
+                    "recording_pk": recording_pk,
+                    **snapshot,
+                    "member_pk": None,
+                    "joined_at": None,
+                    "left_at": None,
+                    "source": "snapshot",
+                }
+                for participant_id, snapshot in zip(ids, snapshots, strict=True)
+            ]
+            assert (
+                conn.execute(
+                    sa.text("SELECT recording_id FROM recordings WHERE id = :pk"),
+                    {"pk": recording_pk},
+                ).scalar_one()
+                == "rec-0009"
+            )
+    finally:
+        engine.dispose()
+
+    app = make_app(database=empty_database_url)
+    shown = app.test_client().get(
+        "/api/recordings/rec-0009",
+        headers={"Authorization": f"Bearer {token_for(app, Role.COMPLIANCE)}"},
+    )
+    assert shown.status_code == 200
+    assert shown.json is not None
+    assert shown.json["participants"] == [
+        {
+            # The API shows the numbers as given, not their search keys.
+            **{name: value for name, value in snapshot.items() if not name.endswith("_key")},
+            "joined_at": None,
+            "left_at": None,
+            "source": "snapshot",
+            "notified_at": None,
+        }
+        for snapshot in snapshots
+    ]
