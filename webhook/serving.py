@@ -17,6 +17,7 @@ The Procfile selects it with `--worker-class webhook.serving.Worker`.
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 import socket
@@ -65,6 +66,9 @@ class Worker(GeventWorker):  # type: ignore[misc]  # gunicorn ships no type hint
         if limit:
             self.body_limit = int(limit)
         self.wsgi = _taking_turns(self.wsgi)
+        # The app and everything it imported live as long as this process: kept out of every
+        # later garbage collection, so that no full collection walks them mid-request.
+        gc.freeze()
 
     def timeout_ctx(self) -> gevent.Timeout:
         """The bound on reading a request head (gunicorn closes the connection when it expires)."""
