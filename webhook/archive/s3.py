@@ -55,6 +55,25 @@ class S3Storage:
         # A stream is read ahead into memory part by part; s3transfer's default (10 parts) would
         # hold 80 MiB. Three bound the worker's memory whatever the recording's size.
         self.transfer.max_in_memory_upload_chunks = 3
+        # The uploads in progress, by bucket and key: each part is sent with the SHA-256 the
+        # reader computed over the bytes it read, for S3 to check the part against.
+        self._streams: dict[tuple[str, str], HashingReader] = {}
+        for operation in ("PutObject", "UploadPart"):
+            self.client.meta.events.register(
+                f"before-parameter-build.s3.{operation}", self._send_our_sha256
+            )
+
+    def _send_our_sha256(self, params: dict[str, Any], **_kwargs: Any) -> None:
+        """Give S3 the part's SHA-256 as the reader computed it (botocore then computes none).
+
+        S3 refuses a part whose bytes do not match it, so a part that is not the one the reader
+        counted fails the upload (and is retried), never archived unchecked."""
+        reader = self._streams.get((params.get("Bucket", ""), params.get("Key", "")))
+        if reader is None or "ChecksumSHA256" in params:
+            return
+        checksum = reader.part_sha256(int(params.get("PartNumber", 1)))
+        if checksum is not None:
+            params["ChecksumSHA256"] = checksum
 
     @cached_property
     def _uploads(self) -> TransferManager:
@@ -83,10 +102,14 @@ class S3Storage:
         try:
             if not first_attempt:
                 self._abort_stale_uploads(key)
-            # On failure the transfer manager aborts the multipart upload it started.
-            self._uploads.upload(
-                cast("IO[bytes]", reader), self.bucket, key, extra_args=extra
-            ).result()
+            self._streams[(self.bucket, key)] = reader
+            try:
+                # On failure the transfer manager aborts the multipart upload it started.
+                self._uploads.upload(
+                    cast("IO[bytes]", reader), self.bucket, key, extra_args=extra
+                ).result()
+            finally:
+                del self._streams[(self.bucket, key)]
             head = self.client.head_object(Bucket=self.bucket, Key=key, ChecksumMode="ENABLED")
         except (BotoCoreError, ClientError, Boto3Error) as exc:
             raise StorageError(f"S3 upload of {key} failed: {exc}") from exc

@@ -66,6 +66,7 @@ class HashingReader:
         self._part_filled = 0
         self.part_digests: list[bytes] = []
         self.size = 0
+        self.at_end = False
 
     def read(self, size: int = -1) -> bytes:
         wanted = READ_SIZE if size is None or size < 0 else size
@@ -77,6 +78,7 @@ class HashingReader:
                 raise Interrupted("stopped while streaming")
             chunk = self._read(min(wanted - got, STOP_CHECK_BYTES))
             if not chunk:
+                self.at_end = True
                 break
             chunks.append(chunk)
             got += len(chunk)
@@ -109,6 +111,19 @@ class HashingReader:
 
     def hexdigest(self) -> str:
         return self._whole.hexdigest()
+
+    def part_sha256(self, number: int) -> str | None:
+        """Part `number`'s SHA-256 (base64, from 1) once all its bytes have been read, else None.
+
+        Parts are counted as the uploader reads them, `part_size` bytes each: the last part is
+        known only at the end of the stream."""
+        if number <= len(self.part_digests):
+            digest = self.part_digests[number - 1]
+        elif self.at_end and number == len(self.part_digests) + 1:
+            digest = self._part_digest()
+        else:
+            return None
+        return base64.b64encode(digest).decode()
 
     def s3_checksums(self) -> set[str]:
         """The values S3 may report as ChecksumSHA256: the whole object's, or the composite one."""
