@@ -12,9 +12,19 @@ from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import select, update
 
-from tests.conftest import ON_POSTGRES, post_transcription, token_for
+from tests.conftest import (
+    MP3_TAG,
+    ON_POSTGRES,
+    AppFactory,
+    make_bucket,
+    post_callback,
+    post_transcription,
+    token_for,
+)
+from tests.fakeplivo import FakePlivo
 from tests.test_api import MEMBERS, Seed, audit_events, seed
 from webhook import services
+from webhook.archive.worker import Worker
 from webhook.auth import revoke_staff
 from webhook.config import ConfigError, load
 from webhook.console import present
@@ -412,6 +422,41 @@ def test_legal_hold_on_a_local_archive_is_refused_as_the_api_refuses_it(app):
         data={"csrf_token": csrf, "on": "true", "reason": "inquiry"},
     )
     assert local.status_code == 502 and "S3 archive with Object Lock" in local.text
+
+
+def test_admin_places_then_lifts_a_legal_hold_and_s3_and_the_history_agree_each_time(
+    make_app: AppFactory, plivo: FakePlivo, s3_endpoint: str, s3: Any
+) -> None:
+    locked = make_bucket(s3_endpoint, object_lock=True)
+    app = make_app(f"s3://{locked}", RETENTION_DAYS="30", OBJECT_LOCK_MODE="GOVERNANCE")
+    params = plivo.finish_recording("hold-1", MP3_TAG + b"held audio" * 50)
+    assert post_callback(app.test_client(), plivo, params).status_code == 200
+    assert Worker(services(app)).run(once=True) == 1
+    with services(app).sessions() as session:
+        stored = session.scalars(select(Recording).where(Recording.recording_id == "hold-1")).one()
+    where = {"Bucket": locked, "Key": stored.archive_key, "VersionId": stored.archive_version_id}
+    client = signed_in(app, Role.ADMIN, name="ada")
+    page = "/console/recordings/hold-1"
+
+    for on, reason, in_s3 in (("true", "inquiry 7", "ON"), ("false", "inquiry 7 closed", "OFF")):
+        answer = client.post(
+            f"{page}/legal-hold",
+            data={"csrf_token": csrf_of(client, page), "on": on, "reason": reason},
+        )
+        assert answer.status_code == 303, answer.text
+        assert s3.get_object_legal_hold(**where)["LegalHold"]["Status"] == in_s3
+        with services(app).sessions() as session:
+            held = session.scalars(select(Recording).where(Recording.recording_id == "hold-1"))
+            assert held.one().legal_hold is (on == "true")
+
+    shown = client.get(page).text
+    assert shown.index("inquiry 7") < shown.index("inquiry 7 closed")
+    actions = [
+        (event.staff_name, event.method, event.status)
+        for event in audit_events(app)
+        if event.path == f"{page}/legal-hold"
+    ]
+    assert actions == [("ada", "POST", 303)] * 2
 
 
 def test_signing_in_again_replaces_the_browsers_session(app):
