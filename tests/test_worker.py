@@ -24,10 +24,10 @@ from webhook import services
 from webhook.archive.media import RefusedURL, check_url
 from webhook.archive.reconcile import reconcile
 from webhook.archive.worker import MAX_RETRY_DELAY, Worker, retry_delay
-from webhook.config import Settings
+from webhook.config import Settings, archive_prefix
 from webhook.db import transaction
 from webhook.models import Recording, Status, utcnow
-from webhook.recordings import parse_report, record_report
+from webhook.recordings import archive_key, parse_report, record_report
 
 
 def queue(app: Flask, plivo: FakePlivo, recording_id: str, content: bytes, **kw: Any) -> dict:
@@ -663,6 +663,35 @@ def test_an_outcome_rides_on_the_next_claim_only_while_the_lease_is_held(app, pl
     assert stolen.lease_token == "another-worker-lease"
     assert stolen.archived_at is None
     assert row(app, third.recording_id).archive_key == third.archive_key
+
+
+def test_a_claim_names_each_new_key_exactly_as_archive_key_does(app) -> None:
+    # On PostgreSQL the claiming statement names a new row's key itself: held here to the rule
+    # at the edges of days, months, years and the range of start times, for each format.
+    starts = {
+        "k-last-ms-of-2025": (1_767_225_599_999, "mp3"),
+        "k-first-ms-of-2026": (1_767_225_600_000, "wav"),
+        "k-end-of-a-leap-day": (951_868_799_999, None),
+        "k-first-ms-of-2000": (946_684_800_000, "mp3"),
+        "k-last-ms-of-2099": (4_102_444_799_999, "wav"),
+    }
+    for recording_id, (start_ms, file_format) in starts.items():
+        queue_url(app, recording_id, f"https://media.plivo.com/{recording_id}.mp3")
+        set_row(app, recording_id, start_ms=start_ms, file_format=file_format)
+    set_row(app, "k-first-ms-of-2000", archive_key="kept/from/before.mp3")
+    worker = Worker(services(app))
+    prefix = archive_prefix(services(app).settings.archive_url)
+
+    claimed = {job.recording_id: job.archive_key for job in iter(worker.claim, None)}
+
+    expected = {
+        recording_id: archive_key(prefix, recording_id, start_ms, file_format or "mp3")
+        for recording_id, (start_ms, file_format) in starts.items()
+    }
+    expected["k-first-ms-of-2000"] = "kept/from/before.mp3"  # a key on the row is kept
+    assert claimed == expected
+    assert {name: row(app, name).archive_key for name in starts} == expected
+    assert expected["k-end-of-a-leap-day"].endswith("recordings/2000/02/29/k-end-of-a-leap-day.mp3")
 
 
 def test_claimed_job_waits_for_its_lease_then_the_late_worker_is_ignored(app, plivo) -> None:

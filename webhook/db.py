@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
@@ -171,47 +171,29 @@ def execute_autocommitted(engine: Engine, statement: str, params: dict[str, Any]
     OperationalError…), and a connection the database dropped is invalidated, as SQLAlchemy
     would.
     """
-    with autocommitted(engine) as execute:
-        return execute(statement, params)
-
-
-Execute = Callable[[str, dict[str, Any]], Any]
-
-
-@contextmanager
-def autocommitted(engine: Engine) -> Iterator[Execute]:
-    """One pooled PostgreSQL connection for a few statements, each a transaction of its own,
-    run as `execute_autocommitted` runs one (a statement that returns no rows answers None)."""
     dbapi_error = engine.dialect.loaded_dbapi.Error
     try:
         pooled = engine.raw_connection()
     except dbapi_error as error:
-        raise _wrapped(engine, "", error, None) from error
+        raise _wrapped(engine, statement, error, None) from error
     raw: Any = pooled.driver_connection
-
-    def failed(statement: str, error: Exception) -> DBAPIError:
-        wrapped = _wrapped(engine, statement, error, raw)
-        if wrapped.connection_invalidated:
-            pooled.invalidate(error)
-        return wrapped
-
-    def execute(statement: str, params: dict[str, Any]) -> Any:
-        try:
-            cursor = raw.execute(statement, params)
-            return None if cursor.description is None else cursor.fetchone()
-        except dbapi_error as error:
-            raise failed(statement, error) from error
-
     try:
         try:
             raw.autocommit = True
+            return raw.execute(statement, params).fetchone()
         except dbapi_error as error:
-            raise failed("", error) from error
-        try:
-            yield execute
+            wrapped = _wrapped(engine, statement, error, raw)
+            if wrapped.connection_invalidated:
+                pooled.invalidate(error)
+            raise wrapped from error
         finally:
             if not raw.closed:
-                raw.autocommit = False
+                try:
+                    raw.autocommit = False
+                except dbapi_error as error:
+                    # Left mid-statement (the statement was interrupted): not fit for the pool,
+                    # and whatever interrupted it is what the caller hears of.
+                    pooled.invalidate(error)
     finally:
         pooled.close()
 

@@ -47,6 +47,10 @@ class S3Storage:
                 retries={"mode": "standard", "max_attempts": 5},
                 connect_timeout=5,
                 read_timeout=60,
+                # An upload's bytes are covered by the SHA-256 checksum header S3 checks them
+                # against (the reader's own, below), itself signed: SigV4 need not hash the
+                # body a second time.
+                s3={"payload_signing_enabled": False},
             ),
         )
         self.transfer = TransferConfig(
@@ -64,7 +68,8 @@ class S3Storage:
             )
 
     def _send_our_sha256(self, params: dict[str, Any], **_kwargs: Any) -> None:
-        """Give S3 the part's SHA-256 as the reader computed it (botocore then computes none).
+        """Give S3 the part's SHA-256 as the reader computed it (botocore then computes none,
+        and with payload signing off, hashes the body no more).
 
         S3 refuses a part whose bytes do not match it, so a part that is not the one the reader
         counted fails the upload (and is retried), never archived unchecked."""
@@ -102,6 +107,9 @@ class S3Storage:
         try:
             if not first_attempt:
                 self._abort_stale_uploads(key)
+            if (self.bucket, key) in self._streams:
+                # One reader's digests per key: a second upload would send the first's.
+                raise StorageError(f"an upload of {key} is already under way in this process")
             self._streams[(self.bucket, key)] = reader
             try:
                 # On failure the transfer manager aborts the multipart upload it started.

@@ -30,8 +30,8 @@ from webhook.config import archive_prefix
 from webhook.db import (
     NOT_MIGRATED,
     UPGRADE_HINT,
-    autocommitted,
     describe_error,
+    execute_autocommitted,
     is_schema_missing,
     rowcount,
     transaction,
@@ -69,7 +69,9 @@ SETTLED_COLUMNS = (
 # `Worker.claim` on PostgreSQL, run as written (psycopg's parameter style): the job just archived
 # settled while its lease is still ours, whether a transcript of it waits to go beside the audio,
 # and, unless one does, the next due row claimed, skipping rows other workers are claiming (and
-# the settled row itself: one statement may not update a row twice). One round trip, one commit.
+# the settled row itself: one statement may not update a row twice), its archive key named if it
+# has none, as `archive_key` names it (a test holds the two to the same keys). One round trip,
+# one commit: nothing of it is written unless all of it is.
 SETTLE_AND_CLAIM = """
 WITH settled AS (
     UPDATE recordings SET
@@ -93,7 +95,10 @@ WITH settled AS (
 ), claimed AS (
     UPDATE recordings r SET
         status = %(archiving)s, lease_token = %(token)s, next_attempt_at = %(lease_until)s,
-        attempts = r.attempts + 1, updated_at = %(now)s
+        attempts = r.attempts + 1, updated_at = %(now)s,
+        archive_key = COALESCE(r.archive_key, %(prefix)s || 'recordings/'
+            || to_char(to_timestamp(r.start_ms / 1000.0) AT TIME ZONE 'UTC', 'YYYY/MM/DD')
+            || '/' || r.recording_id || '.' || COALESCE(r.file_format, 'mp3'))
     FROM due
     WHERE r.id = due.id AND NOT (SELECT waiting FROM waiting)
     RETURNING r.id, r.recording_id, r.record_url, r.archive_key, r.file_format, r.attempts,
@@ -102,7 +107,6 @@ WITH settled AS (
 SELECT EXISTS (SELECT FROM settled), (SELECT waiting FROM waiting), claimed.*
 FROM (SELECT) AS one LEFT JOIN claimed ON TRUE
 """
-NAME_KEY = "UPDATE recordings SET archive_key = %(key)s WHERE id = %(id)s AND archive_key IS NULL"
 
 
 class Claimed(NamedTuple):
@@ -111,7 +115,7 @@ class Claimed(NamedTuple):
     id: int
     recording_id: str
     record_url: str | None
-    archive_key: str | None
+    archive_key: str
     file_format: str | None
     attempts: int
     start_ms: int
@@ -238,7 +242,7 @@ class Worker:
         self, archived: Archived | None
     ) -> tuple[tuple[bool, bool] | None, Job | None]:
         """`claim` on PostgreSQL: the outcome written, the transcript looked for and the next job
-        claimed in one autocommitted statement (its key named in a second, when it has none)."""
+        claimed (its key named, if it has none) in one autocommitted statement."""
         now = utcnow()
         token = str(uuid.uuid4())
         params: dict[str, object] = {
@@ -246,6 +250,7 @@ class Worker:
             "token": token,
             "archiving": Status.ARCHIVING.value,
             "lease_until": now + dt.timedelta(seconds=self.settings.archive_lease_seconds),
+            "prefix": archive_prefix(self.settings.archive_url),
             "settle_id": None,
             "settle_token": None,
             **dict.fromkeys(SETTLED_COLUMNS),
@@ -257,17 +262,14 @@ class Worker:
                 settle_id=archived.job.id,
                 settle_token=archived.job.lease_token,
             )
-        with autocommitted(self.services.engine) as execute:
-            marked, waiting, *columns = execute(SETTLE_AND_CLAIM, params)
-            settled = None if archived is None else (bool(marked), bool(waiting))
-            if columns[0] is None:
-                return settled, None
-            row = Claimed(*columns)
-            key = row.archive_key
-            if key is None:
-                key = self._new_key(row)
-                execute(NAME_KEY, {"key": key, "id": row.id})
-        return settled, self._job(row, token, key)
+        marked, waiting, *columns = execute_autocommitted(
+            self.services.engine, SETTLE_AND_CLAIM, params
+        )
+        settled = None if archived is None else (bool(marked), bool(waiting))
+        if columns[0] is None:
+            return settled, None
+        row = Claimed(*columns)
+        return settled, self._job(row, token, row.archive_key)
 
     def _claim_in(self, connection: Connection) -> Job | None:
         now = utcnow()
