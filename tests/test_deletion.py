@@ -152,12 +152,18 @@ def test_a_failed_deletion_is_logged_and_retried(
     assert "500" in history[0]["error"]
 
 
+def retained_app(make_app: AppFactory, s3_endpoint: str) -> tuple[Flask, str]:
+    """An app that deletes from Plivo after a day, archiving under a 30-day governance lock into
+    a new Object Lock bucket; and the bucket."""
+    locked = make_bucket(s3_endpoint, object_lock=True)
+    env = {"RETENTION_DAYS": "30", "OBJECT_LOCK_MODE": "GOVERNANCE"}
+    return make_app(f"s3://{locked}", DELETE_FROM_PLIVO_AFTER_DAYS="1", **env), locked
+
+
 def test_with_retention_configured_only_a_locked_object_is_deleted(
     make_app: AppFactory, plivo: FakePlivo, s3_endpoint: str, tmp_path: Path
 ) -> None:
-    locked = make_bucket(s3_endpoint, object_lock=True)
-    env = {"RETENTION_DAYS": "30", "OBJECT_LOCK_MODE": "GOVERNANCE"}
-    app = make_app(f"s3://{locked}", DELETE_FROM_PLIVO_AFTER_DAYS="1", **env)
+    app, _bucket = retained_app(make_app, s3_endpoint)
     archived(app, plivo, "locked", 2 * DAY)
     # Archived before retention was configured: no lock, so never deleted automatically.
     unlocked_app = make_app(f"file://{tmp_path}/old-archive")
@@ -173,9 +179,7 @@ def test_with_retention_configured_only_a_locked_object_is_deleted(
 def test_a_lock_s3_no_longer_holds_or_an_unreadable_archive_is_refused_and_kept_on_plivo(
     make_app: AppFactory, plivo: FakePlivo, s3_endpoint: str, s3: Any
 ) -> None:
-    locked = make_bucket(s3_endpoint, object_lock=True)
-    env = {"RETENTION_DAYS": "30", "OBJECT_LOCK_MODE": "GOVERNANCE"}
-    app = make_app(f"s3://{locked}", DELETE_FROM_PLIVO_AFTER_DAYS="1", **env)
+    app, locked = retained_app(make_app, s3_endpoint)
     archived(app, plivo, "lock-shortened", 2 * DAY)
     archived(app, plivo, "object-gone", 2 * DAY)
     # The database still says retained for 30 days; S3 is what counts. Someone with the
