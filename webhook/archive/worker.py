@@ -12,7 +12,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING
 
 import requests
 import urllib3.exceptions
@@ -107,20 +107,18 @@ WITH settled AS (
 SELECT EXISTS (SELECT FROM settled), (SELECT waiting FROM waiting), claimed.*
 FROM (SELECT) AS one LEFT JOIN claimed ON TRUE
 """
-
-
-class Claimed(NamedTuple):
-    """A row SETTLE_AND_CLAIM claimed, as `Worker._claim_in` returns one."""
-
-    id: int
-    recording_id: str
-    record_url: str | None
-    archive_key: str
-    file_format: str | None
-    attempts: int
-    start_ms: int
-    end_ms: int | None
-    duration_ms: int | None
+# What a claim returns of the row, in SETTLE_AND_CLAIM's order: a Job but for its lease token.
+CLAIMED_COLUMNS = (
+    "id",
+    "recording_id",
+    "record_url",
+    "archive_key",
+    "file_format",
+    "attempts",
+    "start_ms",
+    "end_ms",
+    "duration_ms",
+)
 
 
 CONTENT_TYPES = {"mp3": "audio/mpeg", "wav": "audio/wav"}
@@ -228,15 +226,17 @@ class Worker:
         costs one commit per recording, not two)."""
         if self.services.on_postgresql:
             settled, job = self._settle_and_claim_in_one_statement(archived)
+            transcript_first = settled is not None and settled[1]
         else:
             with self.services.engine.begin() as connection:
                 settled = None if archived is None else self._settle_archived(connection, archived)
                 # A transcript waiting to go beside that audio goes first, and the next job is
                 # claimed after it: no lease runs unattended meanwhile.
-                job = None if settled is not None and settled[1] else self._claim_in(connection)
+                transcript_first = settled is not None and settled[1]
+                job = None if transcript_first else self._claim_in(connection)
         if archived is not None and settled is not None:
             self._report_archived(archived, *settled)
-        return self.claim() if settled is not None and settled[1] else job
+        return self.claim() if transcript_first else job
 
     def _settle_and_claim_in_one_statement(
         self, archived: Archived | None
@@ -268,8 +268,7 @@ class Worker:
         settled = None if archived is None else (bool(marked), bool(waiting))
         if columns[0] is None:
             return settled, None
-        row = Claimed(*columns)
-        return settled, self._job(row, token, row.archive_key)
+        return settled, Job(**dict(zip(CLAIMED_COLUMNS, columns, strict=True)), lease_token=token)
 
     def _claim_in(self, connection: Connection) -> Job | None:
         now = utcnow()
@@ -296,55 +295,26 @@ class Worker:
                 attempts=RECORDINGS.c.attempts + 1,
                 updated_at=now,
             )
-            .returning(
-                RECORDINGS.c.id,
-                RECORDINGS.c.recording_id,
-                RECORDINGS.c.record_url,
-                RECORDINGS.c.archive_key,
-                RECORDINGS.c.file_format,
-                RECORDINGS.c.attempts,
-                RECORDINGS.c.start_ms,
-                RECORDINGS.c.end_ms,
-                RECORDINGS.c.duration_ms,
-            )
+            .returning(*(RECORDINGS.c[name] for name in CLAIMED_COLUMNS))
         ).one_or_none()
         if row is None:
             return None
-        key = row.archive_key
-        if key is None:
-            key = self._new_key(row)
-            connection.execute(
-                update(RECORDINGS).where(RECORDINGS.c.id == row.id).values(archive_key=key)
+        claimed = dict(row._mapping)
+        if claimed["archive_key"] is None:
+            # The worker that writes the object names it, from its own ARCHIVE_URL, once: later
+            # attempts (and rows keyed before this rule) keep the key on the row.
+            claimed["archive_key"] = archive_key(
+                archive_prefix(self.settings.archive_url),
+                row.recording_id,
+                row.start_ms,
+                row.file_format or "mp3",
             )
-        return self._job(row, token, key)
-
-    def _new_key(self, row: Any) -> str:
-        """The archive key of a claimed row that has none yet.
-
-        The worker that writes the object names it, from its own ARCHIVE_URL, once: later
-        attempts (and rows keyed before this rule) keep the key on the row.
-        """
-        return archive_key(
-            archive_prefix(self.settings.archive_url),
-            row.recording_id,
-            row.start_ms,
-            row.file_format or "mp3",
-        )
-
-    @staticmethod
-    def _job(row: Any, token: str, key: str) -> Job:
-        return Job(
-            id=row.id,
-            recording_id=row.recording_id,
-            record_url=row.record_url,
-            archive_key=key,
-            file_format=row.file_format,
-            lease_token=token,
-            attempts=row.attempts,
-            start_ms=row.start_ms,
-            end_ms=row.end_ms,
-            duration_ms=row.duration_ms,
-        )
+            connection.execute(
+                update(RECORDINGS)
+                .where(RECORDINGS.c.id == row.id)
+                .values(archive_key=claimed["archive_key"])
+            )
+        return Job(**claimed, lease_token=token)
 
     def _settle(self, job: Job, **values: object) -> bool:
         """Write the outcome, but only while this worker still holds the job's lease."""
