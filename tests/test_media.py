@@ -99,6 +99,15 @@ class Hosts:
             self.arrivals.clear()
 
 
+def send_audio(handler: BaseHTTPRequestHandler) -> None:
+    """Answer 200 with BODY, as a media host serves an mp3."""
+    handler.send_response(200)
+    handler.send_header("Content-Type", "audio/mpeg")
+    handler.send_header("Content-Length", str(len(BODY)))
+    handler.end_headers()
+    handler.wfile.write(BODY)
+
+
 class _Handler(BaseHTTPRequestHandler):
     hosts: Hosts
     tls_context: ssl.SSLContext
@@ -138,11 +147,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
-        self.send_response(200)
-        self.send_header("Content-Type", "audio/mpeg")
-        self.send_header("Content-Length", str(len(BODY)))
-        self.end_headers()
-        self.wfile.write(BODY)
+        send_audio(self)
 
     def log_message(self, format: str, *args: Any) -> None:
         """Quiet."""
@@ -490,11 +495,7 @@ def test_downloads_reuse_a_kept_alive_connection_to_the_approved_address_until_i
             connections.append(self.client_address)
 
         def do_GET(self) -> None:
-            self.send_response(200)
-            self.send_header("Content-Type", "audio/mpeg")
-            self.send_header("Content-Length", str(len(BODY)))
-            self.end_headers()
-            self.wfile.write(BODY)
+            send_audio(self)
 
         def log_message(self, format: str, *args: Any) -> None:
             """Quiet."""

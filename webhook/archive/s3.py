@@ -107,17 +107,18 @@ class S3Storage:
         try:
             if not first_attempt:
                 self._abort_stale_uploads(key)
-            if (self.bucket, key) in self._streams:
+            stream = (self.bucket, key)
+            if stream in self._streams:
                 # One reader's digests per key: a second upload would send the first's.
                 raise StorageError(f"an upload of {key} is already under way in this process")
-            self._streams[(self.bucket, key)] = reader
+            self._streams[stream] = reader
             try:
                 # On failure the transfer manager aborts the multipart upload it started.
                 self._uploads.upload(
                     cast("IO[bytes]", reader), self.bucket, key, extra_args=extra
                 ).result()
             finally:
-                del self._streams[(self.bucket, key)]
+                del self._streams[stream]
             head = self.client.head_object(Bucket=self.bucket, Key=key, ChecksumMode="ENABLED")
         except (BotoCoreError, ClientError, Boto3Error) as exc:
             raise StorageError(f"S3 upload of {key} failed: {exc}") from exc
