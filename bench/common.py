@@ -235,6 +235,58 @@ def descendants(pid: int) -> list[int]:
     return sorted(found)
 
 
+def cpu_times(pids: Iterable[int]) -> dict[int, float]:
+    """User plus system CPU each process has used so far, in seconds (left out once it is gone)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    times = {}
+    for pid in pids:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            times[pid] = (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+    return times
+
+
+def cpu_used(before: dict[int, float], after: dict[int, float]) -> float:
+    """CPU seconds used between two `cpu_times` (a process born in between counts from 0)."""
+    return sum(spent - before.get(pid, 0.0) for pid, spent in after.items())
+
+
+def postgres_pids() -> list[int]:
+    """Every running PostgreSQL process on this machine (backends and background writers)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if (entry / "comm").read_text().strip() == "postgres":
+                    found.append(int(entry.name))
+    return found
+
+
+class CPUSampler(threading.Thread):
+    """The CPU each process picked by `pids()` has used while something runs, sampled every
+    `every` seconds: a process that ends before `stop` (a connection's backend, closed when its
+    client went away) keeps what it had used at its last sample."""
+
+    def __init__(self, pids: Callable[[], Iterable[int]], every: float = 0.1) -> None:
+        super().__init__(daemon=True)
+        self.pids = pids
+        self.every = every
+        self.before = cpu_times(pids())
+        self.latest: dict[int, float] = {}
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self.every):
+            self.latest.update(cpu_times(self.pids()))
+
+    def stop(self) -> float:
+        """Stop sampling; the CPU seconds used since this sampler was made."""
+        self._stop_event.set()
+        self.join()
+        self.latest.update(cpu_times(self.pids()))
+        return cpu_used(self.before, self.latest)
+
+
 class RSSSampler(threading.Thread):
     """Polls a process's VmRSS while something runs, keeping the largest and a few samples."""
 

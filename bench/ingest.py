@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import shutil
 import tempfile
 import uuid
 from pathlib import Path
+from typing import Any
 
 import common
 import loadgen
@@ -144,9 +146,9 @@ def run(report: Report, args: argparse.Namespace) -> None:
             "reference": ("gunicorn-reference", "ref_ingest_app:create_app()", "/"),
             "app": ("gunicorn-app", None, "/healthz"),
         }
-        rounds: list[dict[str, tuple[LoadResult, dict[str, int], list[int]]]] = []
+        rounds: list[dict[str, tuple[LoadResult, dict[str, int], list[int], dict[str, float]]]] = []
         for number in range(args.rounds):
-            measured: dict[str, tuple[LoadResult, dict[str, int], list[int]]] = {}
+            measured: dict[str, tuple[LoadResult, dict[str, int], list[int], dict[str, float]]] = {}
             order = ["reference", "app"] if number % 2 == 0 else ["app", "reference"]
             for which in order:
                 name, spec, ready = apps[which]
@@ -163,27 +165,33 @@ def run(report: Report, args: argparse.Namespace) -> None:
                         work,
                         ["accepted"],
                     )
+                    load = build_callbacks(public_url, run_tag, "bench", args.callbacks)
+                    web_cpu = common.CPUSampler(functools.partial(list, workers))
+                    database_cpu = common.CPUSampler(common.postgres_pids)
+                    web_cpu.start()
+                    database_cpu.start()
                     result = loadgen.send_load(
                         port,
-                        build_callbacks(public_url, run_tag, "bench", args.callbacks),
+                        load,
                         args.connections,
                         generator,
                         work,
                         ["accepted", "duplicate"],
                         timeout=args.timeout,
                     )
+                    cpu = {"web": web_cpu.stop(), "postgresql": database_cpu.stop()}
                     rows = wait_for_rows(url, run_tag, args.warmup + args.callbacks)
                     rss = [common.proc_status(pid).get("VmHWM", 0) for pid in workers]
                 finally:
                     server.stop()
-                measured[which] = (result, rows, rss)
+                measured[which] = (result, rows, rss, cpu)
             rounds.append(measured)
 
     # The round whose ratio is the median stands for the run; every round is shown.
     ratios = [r["app"][0].rps / max(r["reference"][0].rps, 1e-9) for r in rounds]
     middle = rounds[sorted(range(len(rounds)), key=lambda n: ratios[n])[(len(rounds) - 1) // 2]]
-    app_result, counts, peak_rss = middle["app"]
-    ref_result, ref_counts, _ = middle["reference"]
+    app_result, counts, peak_rss, _ = middle["app"]
+    ref_result, ref_counts, _, _ = middle["reference"]
     ratio = app_result.rps / empty_result.rps if empty_result.rps else float("nan")
     ratio_ref = app_result.rps / ref_result.rps if ref_result.rps else float("nan")
     p99_ratio = app_result.latency_ms["p99"] / max(ref_result.latency_ms["p99"], 1e-3)
@@ -223,6 +231,25 @@ def run(report: Report, args: argparse.Namespace) -> None:
         ],
     )
 
+    def per_callback_us(measured: tuple[Any, ...], where: str) -> float:
+        return 1e6 * measured[3][where] / max(measured[0].completed, 1)
+
+    report.table(
+        "server CPU per callback, µs (gunicorn's workers; every PostgreSQL process)",
+        ["round", "reference web", "reference PostgreSQL", "app web", "app PostgreSQL"],
+        [
+            [
+                number,
+                *(
+                    f"{per_callback_us(measured[which], where):.0f}"
+                    for which in ("reference", "app")
+                    for where in ("web", "postgresql")
+                ),
+            ]
+            for number, measured in enumerate(rounds, 1)
+        ],
+    )
+
     def share(result: LoadResult) -> float:
         return result.generator_cpu_s / result.window_s if result.window_s else 0.0
 
@@ -254,6 +281,13 @@ def run(report: Report, args: argparse.Namespace) -> None:
                     "reference": measured["reference"][0].brief(),
                     "app": measured["app"][0].brief(),
                     "ratio": round(ratio, 3),
+                    "server_cpu_us_per_callback": {
+                        which: {
+                            where: round(per_callback_us(measured[which], where))
+                            for where in ("web", "postgresql")
+                        }
+                        for which in ("reference", "app")
+                    },
                 }
                 for measured, ratio in zip(rounds, ratios, strict=True)
             ],
