@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterator
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -20,7 +20,9 @@ from tests.conftest import CALLBACK_URL, free_port, post_callback
 from tests.fakeplivo import NONCE_HEADER, SIGNATURE_HEADER, FakePlivo
 from webhook import services
 from webhook.db import transaction
+from webhook.errors import BadParameter
 from webhook.models import CallbackLog, Participant, Recording, Role, Status
+from webhook.recordings import parse_ms
 
 MA_SIGNATURE_HEADER = "X-Plivo-Signature-Ma-V3"
 MAIN_AUTH_TOKEN = "main-account-token"
@@ -513,6 +515,45 @@ def test_each_malformed_field_is_refused_naming_it_and_nothing_stored(app, clien
     assert stored(app) == NOTHING
 
 
+def _parse_ms_by_decimal(text: str, scale: int, bounds: tuple[int, int]) -> int | str | None:
+    """What parse_ms answers, worked out with Decimal alone: the value, None, or "refused"."""
+    raw = text.strip()
+    if not raw:
+        return None
+    try:
+        number = Decimal(raw)
+    except InvalidOperation:
+        return "refused"
+    if not number.is_finite() or number.adjusted() > 18:
+        return "refused"
+    value = int(number * scale)
+    return value if bounds[0] <= value <= bounds[1] else "refused"
+
+
+@pytest.mark.parametrize("scale", [1, 1000])
+def test_plain_numbers_read_as_decimals_would_read_them(scale: int) -> None:
+    """The common forms ("345100", "345100.00000") take a shorter road than Decimal: each text
+    gives the very value, or the very refusal, that Decimal gives."""
+    texts = [
+        "0", "7", "345100", "345100.00000", "345100.", "345100.0001", "345100.5", " 12 ", "0012",
+        "00000000000000000000012", "999999999999999999", "9999999999999999999", "1767225600000",
+        "1767225600000.00000", "-5", "+5", "1_000", "1e3", ".5", "5.", "12.0a", "12.00 0",
+        "\u0661\u0662", "12.\u0660", "\u00b2", "", "  ", "1.", "0.000", "604800000",
+        "604800001", "604800", "604801",
+    ]  # fmt: skip
+    wrong = {}
+    for bounds in [(0, 7 * 24 * 3600 * 1000), (946684800000, 4102444800000)]:
+        for text in texts:
+            try:
+                got: int | str | None = parse_ms("field", text, scale, bounds)
+            except BadParameter:
+                got = "refused"
+            expected = _parse_ms_by_decimal(text, scale, bounds)
+            if got != expected:
+                wrong[(text, bounds)] = (got, expected)
+    assert wrong == {}
+
+
 def test_malformed_get_callback_is_refused_naming_the_field(app, client, plivo):
     params = plivo.finish_recording("rec-bad-get", b"audio")
     params["recording_duration_ms"] = "12 minutes"
@@ -696,6 +737,14 @@ def test_callback_log_keeps_body_headers_verdict_and_remote_address(app, client,
     assert log.headers["X-Forwarded-For"] == "203.0.113.9"
     assert log.headers["Content-Type"].startswith("application/x-www-form-urlencoded")
     assert "Cookie" not in log.headers
+    assert set(log.headers) == {
+        SIGNATURE_HEADER,
+        NONCE_HEADER,
+        "User-Agent",
+        "X-Forwarded-For",
+        "Content-Type",
+        "Content-Length",
+    }
     # The raw body, exactly as sent: it decodes back to the very params that were signed.
     assert dict(parse_qsl(log.body)) == params
     assert "recording_id=rec-log" in log.body

@@ -15,6 +15,7 @@ from flask import Blueprint, Response, current_app, g, jsonify, request
 from sqlalchemy import Table
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
+from werkzeug.datastructures import MultiDict
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from webhook import services
@@ -94,13 +95,13 @@ def _refuse(code: str, message: str, checked_url: str | None = None) -> APIError
     return APIError(403, code, message)
 
 
-def signed_fields() -> dict[str, str]:
+def signed_fields(args: MultiDict[str, str], form: MultiDict[str, str] | None) -> dict[str, str]:
     """The callback's fields, read only from what the V3 signature covers: the URL's query and,
     for a POST, its form body. A field given twice (repeated, in both the query and the body, or
     under both of Plivo's spellings) with different values is refused: none may override another."""
-    pairs = list(request.args.items(multi=True))
-    if request.method == "POST":
-        pairs += list(request.form.items(multi=True))
+    pairs = list(args.items(multi=True))
+    if form is not None:
+        pairs += form.items(multi=True)
     fields: dict[str, str] = {}
     for name, value in pairs:
         for seen in (name, TWINS.get(name)):
@@ -123,44 +124,53 @@ def verify() -> Verified:
             "callbacks_not_configured",
             "PLIVO_AUTH_TOKEN and PUBLIC_URL must be set before callbacks are accepted",
         )
-    nonce = request.headers.get(NONCE_HEADER, "")
-    signed = {h: request.headers.get(h, "") for h in SIGNATURE_HEADERS}
+    headers = request.headers
+    nonce = headers.get(NONCE_HEADER, "")
+    signed = {h: headers.get(h, "") for h in SIGNATURE_HEADERS}
     if not nonce or not any(signed.values()):
         raise _refuse(
             "missing_signature", "The X-Plivo-Signature-V3 and nonce headers are required"
         )
     if len(nonce) > 128:
         raise _refuse("bad_signature", "The signature nonce is too long")
+    method = request.method
+    form = request.form if method == "POST" else None
     # Behind a TLS-terminating router the socket says http; Plivo signed the public https URL.
     url = settings.public_url + request.path
-    if request.query_string:
-        url += "?" + request.query_string.decode("utf-8", "replace")
-    params = (
-        {key: request.form.getlist(key) for key in request.form} if request.method == "POST" else {}
-    )
+    query = request.query_string
+    if query:
+        url += "?" + query.decode("utf-8", "replace")
+    params = {key: form.getlist(key) for key in form} if form is not None else {}
     tokens = {"v3": settings.plivo_auth_token, "ma-v3": settings.plivo_main_auth_token}
     for header, verdict in SIGNATURE_HEADERS.items():
         token = tokens[verdict]
         if (
             signed[header]
             and token
-            and signature_matches(signed[header], token, request.method, url, params, nonce)
+            and signature_matches(signed[header], token, method, url, params, nonce)
         ):
-            return Verified(signed_fields(), verdict, nonce)
+            return Verified(signed_fields(request.args, form), verdict, nonce)
     raise _refuse("bad_signature", "The callback's signature does not match", checked_url=url)
 
 
-# Each kept header's name as the log writes it, by its lower-case form.
-_KEPT_BY_LOWER = {name.lower(): name for name in KEPT_HEADERS}
+# Each kept header's name as the log writes it, with its key in the WSGI environ.
+_KEPT_ENVIRON = {
+    name: ("" if name in ("Content-Type", "Content-Length") else "HTTP_")
+    + name.upper().replace("-", "_")
+    for name in KEPT_HEADERS
+}
 
 
 def kept_headers() -> dict[str, str]:
-    """The headers the callback log keeps (the first of each, where one is repeated)."""
-    kept: dict[str, str] = {}
-    for name, value in request.headers.items():
-        canonical = _KEPT_BY_LOWER.get(name.lower())
-        if canonical is not None:
-            kept.setdefault(canonical, value)
+    """The headers the callback log keeps (a header sent more than once is kept as the server
+    joined it)."""
+    environ = request.environ
+    kept = {}
+    for name, key in _KEPT_ENVIRON.items():
+        value = environ.get(key)
+        # As request.headers reads them: CONTENT_TYPE and CONTENT_LENGTH only when not empty.
+        if value is not None and (value or key.startswith("HTTP_")):
+            kept[name] = value
     return kept
 
 

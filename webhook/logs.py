@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import sys
 import time
-import uuid
 from typing import Any
 
 from flask import Flask, Response, g, request
@@ -16,22 +16,30 @@ _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
 
 class JSONFormatter(logging.Formatter):
-    """Render a record as one JSON object: time, level, logger, message and any extra fields."""
+    """Render a record as one JSON object: time (UTC), level, logger, message and any extra
+    fields."""
+
+    # The last second formatted and its text, as one tuple (threads share the formatter).
+    _last_second: tuple[int, str] = (-1, "")
 
     def format(self, record: logging.LogRecord) -> str:
+        second, second_text = self._last_second
+        if int(record.created) != second:
+            second = int(record.created)
+            second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._last_second = (second, second_text)
         entry: dict[str, Any] = {
-            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "ts": f"{second_text}.{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        entry.update({k: v for k, v in vars(record).items() if k not in _STANDARD})
+        for key, value in vars(record).items():
+            if key not in _STANDARD:
+                entry[key] = value
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str, ensure_ascii=False)
-
-
-JSONFormatter.converter = time.gmtime
 
 
 def configure(level: int = logging.INFO) -> None:
@@ -55,7 +63,10 @@ def init_app(app: Flask) -> None:
     @app.before_request
     def _bind_request_id() -> None:
         incoming = request.headers.get("X-Request-ID", "")
-        g.request_id = incoming[:64] if incoming.isprintable() and incoming else uuid.uuid4().hex
+        if incoming and incoming.isprintable():
+            g.request_id = incoming[:64]
+        else:
+            g.request_id = secrets.token_hex(16)
         g.started = time.perf_counter()
 
     @app.after_request

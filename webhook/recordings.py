@@ -96,6 +96,13 @@ def parse_ms(name: str, text: str, scale: int, bounds: tuple[int, int]) -> int |
     raw = text.strip()
     if not raw:
         return None
+    # Plivo's usual form ("345100", "345100.00000"): whole, so read without a Decimal.
+    whole, _, fraction = raw.partition(".")
+    if whole.isascii() and whole.isdigit() and len(whole) <= 18 and not fraction.strip("0"):
+        plain = int(whole) * scale
+        if not bounds[0] <= plain <= bounds[1]:
+            raise BadParameter(name, f"{name} is out of range: {raw[:40]}")
+        return plain
     try:
         number = Decimal(raw)
     except InvalidOperation:
