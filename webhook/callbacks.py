@@ -12,13 +12,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
-from sqlalchemy import Table
+from sqlalchemy import Engine, Table
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from werkzeug.datastructures import MultiDict
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from webhook import services
+from webhook.config import Settings
 from webhook.db import execute_autocommitted, request_session
 from webhook.errors import APIError, BadParameter
 from webhook.members import (
@@ -114,9 +115,8 @@ def signed_fields(args: MultiDict[str, str], form: MultiDict[str, str] | None) -
     return fields
 
 
-def verify() -> Verified:
+def verify(settings: Settings) -> Verified:
     """Check the V3 (or Ma-V3) signature over the public URL: the signed fields, or 403."""
-    settings = services(current_app).settings
     if not settings.plivo_auth_token or not settings.public_url:
         # Fail closed, but with 503 so Plivo retries once the service is configured.
         raise APIError(
@@ -193,16 +193,18 @@ def receive(dispatch: Dispatch) -> Response:
     The log row carries the nonce under a unique index and is never deleted, so a nonce stays
     refused for as long as the signed request it came with can be read back from the log.
     """
-    if request.method not in CALLBACK_METHODS:
+    method = request.method
+    if method not in CALLBACK_METHODS:
         # Flask answers HEAD on every GET route; a HEAD is not a callback.
         raise APIError(405, "method_not_allowed", "Callbacks are POST or GET")
+    svc = services(current_app)
     body = read_body()
-    verified = verify()
+    verified = verify(svc.settings)
     kind, handle = dispatch(verified.fields)
     entry = {
         "received_at": utcnow(),
         "kind": kind,
-        "method": request.method,
+        "method": method,
         "remote_addr": request.remote_addr,
         "headers": kept_headers(),
         "body": body,
@@ -212,8 +214,8 @@ def receive(dispatch: Dispatch) -> Response:
     }
     in_one_statement = ONE_STATEMENT.get(handle)
     outcome = None
-    if in_one_statement is not None and services(current_app).on_postgresql:
-        outcome = in_one_statement(verified.fields, entry)
+    if in_one_statement is not None and svc.on_postgresql:
+        outcome = in_one_statement(svc.engine, verified.fields, entry)
     if outcome is None:
         session = request_session()
         outcome = handle(session, verified.fields)
@@ -288,7 +290,7 @@ SELECT (SELECT needed FROM more), EXISTS (SELECT FROM rec)
 
 
 def store_recording_in_one_statement(
-    fields: Mapping[str, str], entry: dict[str, Any]
+    engine: Engine, fields: Mapping[str, str], entry: dict[str, Any]
 ) -> Outcome | None:
     """store_recording and the callback's log row in one round trip (PostgreSQL); None, having
     written nothing, when the callback needs the general path."""
@@ -302,7 +304,6 @@ def store_recording_in_one_statement(
         "seen_since": dt.datetime.fromtimestamp(row["start_ms"] / 1000, dt.UTC) - UNSETTLED_SLACK,
     }
     try:
-        engine = services(current_app).engine
         needed, inserted = execute_autocommitted(engine, RECORDING_AND_LOG, values)
     except IntegrityError as error:
         if getattr(getattr(error.orig, "diag", None), "constraint_name", None) == NONCE_UNIQUE:
@@ -343,9 +344,9 @@ def conference_callback(fields: Mapping[str, str]) -> tuple[str, Handler]:
 
 
 # Handlers that PostgreSQL runs with their log row in one statement, instead of handler + log.
-ONE_STATEMENT: dict[Handler, Callable[[Mapping[str, str], dict[str, Any]], Outcome | None]] = {
-    store_recording: store_recording_in_one_statement
-}
+ONE_STATEMENT: dict[
+    Handler, Callable[[Engine, Mapping[str, str], dict[str, Any]], Outcome | None]
+] = {store_recording: store_recording_in_one_statement}
 
 
 @bp.route("/plivo/recording", methods=CALLBACK_METHODS)
