@@ -40,7 +40,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--gunicorn-args", default="", help="extra settings for both servers")
     parser.add_argument("--warmup", type=int, default=50, help="callbacks before measuring")
     parser.add_argument(
-        "--rounds", type=int, default=3, help="reference and app runs, alternating who goes first"
+        "--rounds", type=int, default=5, help="reference and app runs, alternating who goes first"
     )
     parser.add_argument("--database-url", default=None, help="PostgreSQL server to use")
     parser.add_argument("--timeout", type=float, default=None, help="hard limit, seconds")

@@ -134,7 +134,9 @@ def test_generated_media_is_the_same_bytes_in_any_chunking() -> None:
 )
 @needs_postgres
 def test_ingest(generator: str) -> None:
-    result = run_bench("ingest", "--callbacks", "200", "--warmup", "10", "--generator", generator)
+    result = run_bench(
+        "ingest", "--callbacks", "200", "--warmup", "10", "--rounds", "2", "--generator", generator
+    )
     assert result["results"]["database"]["bench"] == 200
     assert result["results"]["app"]["generator"] == generator
 
