@@ -886,6 +886,29 @@ def test_a_statement_run_through_psycopg_itself_fails_as_sqlalchemys_and_recover
         engine.dispose()
 
 
+@pytest.mark.postgres
+@outage_needs_postgres
+def test_each_new_connection_has_the_statement_timeout_and_keeps_transactions(
+    database_url: str,
+) -> None:
+    """A connection is opened with statement_timeout set, in one round trip outside any
+    transaction; what a session then does is still one transaction, which a rollback undoes."""
+    engine = make_engine(database_url, timeout=3, pool_size=2)
+    try:
+        with engine.connect() as first, engine.connect() as second:
+            for connection in (first, second):
+                assert connection.execute(sa.text("SHOW statement_timeout")).scalar() == "3s"
+                assert connection.connection.driver_connection.autocommit is False
+            first.execute(sa.text("INSERT INTO schedules (name, next_run_at) VALUES ('x', now())"))
+            assert second.execute(sa.text("SELECT count(*) FROM schedules")).scalar() == 0
+            first.rollback()
+        assert execute_autocommitted(engine, "SELECT count(*) FROM schedules", {}) == (0,)
+        with pytest.raises(sa.exc.OperationalError, match="statement timeout"):
+            execute_autocommitted(engine, "SELECT pg_sleep(4)", {})
+    finally:
+        engine.dispose()
+
+
 PARTITION_TIMEOUT = 2  # DATABASE_TIMEOUT_SECONDS in the partition tests
 PROMPT_503 = 2 * PARTITION_TIMEOUT + 3  # a pooled connection's ping, then a new connection
 

@@ -102,9 +102,12 @@ def make_engine(
 
     @event.listens_for(engine, "connect")
     def _statement_timeout(dbapi_connection: Any, _record: Any) -> None:
-        # A SET rather than the `options` startup parameter, which PgBouncer refuses.
+        # A SET rather than the `options` startup parameter, which PgBouncer refuses; outside a
+        # transaction, so one round trip (not BEGIN, SET, COMMIT): connections are opened when
+        # the load grows, when every round trip waits behind the other requests.
+        dbapi_connection.autocommit = True
         dbapi_connection.execute(f"SET statement_timeout = {round(timeout * 1000)}")
-        dbapi_connection.commit()
+        dbapi_connection.autocommit = False
 
     return engine
 
