@@ -251,13 +251,25 @@ def cpu_used(before: dict[int, float], after: dict[int, float]) -> float:
     return sum(spent - before.get(pid, 0.0) for pid, spent in after.items())
 
 
-def postgres_pids() -> list[int]:
-    """Every running PostgreSQL process on this machine (backends and background writers)."""
-    found = []
+def postmaster_pid(url: str) -> int:
+    """The process id of the PostgreSQL server that `url` reaches (the parent of a backend)."""
+    import psycopg
+
+    with psycopg.connect(libpq_url(url), autocommit=True) as conn:
+        row = conn.execute("SELECT pg_backend_pid()").fetchone()
+    assert row is not None
+    stat = Path(f"/proc/{row[0]}/stat").read_text()
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+def postgres_pids(postmaster: int) -> list[int]:
+    """That server's processes: the postmaster, and its backends and background processes."""
+    found = [postmaster]
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                if (entry / "comm").read_text().strip() == "postgres":
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                stat = (entry / "stat").read_text()
+                if int(stat.rsplit(")", 1)[1].split()[1]) == postmaster:
                     found.append(int(entry.name))
     return found
 

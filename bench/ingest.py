@@ -146,6 +146,7 @@ def run(report: Report, args: argparse.Namespace) -> None:
             "reference": ("gunicorn-reference", "ref_ingest_app:create_app()", "/"),
             "app": ("gunicorn-app", None, "/healthz"),
         }
+        postmaster = common.postmaster_pid(url)
         rounds: list[dict[str, tuple[LoadResult, dict[str, int], list[int], dict[str, float]]]] = []
         for number in range(args.rounds):
             measured: dict[str, tuple[LoadResult, dict[str, int], list[int], dict[str, float]]] = {}
@@ -167,7 +168,8 @@ def run(report: Report, args: argparse.Namespace) -> None:
                     )
                     load = build_callbacks(public_url, run_tag, "bench", args.callbacks)
                     web_cpu = common.CPUSampler(functools.partial(list, workers))
-                    database_cpu = common.CPUSampler(common.postgres_pids)
+                    database_pids = functools.partial(common.postgres_pids, postmaster)
+                    database_cpu = common.CPUSampler(database_pids)
                     web_cpu.start()
                     database_cpu.start()
                     result = loadgen.send_load(
@@ -235,7 +237,7 @@ def run(report: Report, args: argparse.Namespace) -> None:
         return 1e6 * measured[3][where] / max(measured[0].completed, 1)
 
     report.table(
-        "server CPU per callback, µs (gunicorn's workers; every PostgreSQL process)",
+        "server CPU per callback, µs (gunicorn's workers; the PostgreSQL server's processes)",
         ["round", "reference web", "reference PostgreSQL", "app web", "app PostgreSQL"],
         [
             [

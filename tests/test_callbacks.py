@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from decimal import Decimal, InvalidOperation
 from typing import Any
 from urllib.parse import parse_qsl
 
 import pytest
-from flask import Flask
+from flask import Flask, request
 from flask.testing import FlaskClient
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import DBAPIError
@@ -18,9 +20,10 @@ from werkzeug.serving import make_server
 
 from tests.conftest import CALLBACK_URL, free_port, post_callback
 from tests.fakeplivo import NONCE_HEADER, SIGNATURE_HEADER, FakePlivo
-from webhook import services
+from webhook import callbacks, services
 from webhook.db import transaction
 from webhook.errors import BadParameter
+from webhook.logs import JSONFormatter
 from webhook.models import CallbackLog, Participant, Recording, Role, Status
 from webhook.recordings import parse_ms
 
@@ -513,6 +516,50 @@ def test_each_malformed_field_is_refused_naming_it_and_nothing_stored(app, clien
             wrong[case] = (response.status_code, body)
     assert wrong == {}
     assert stored(app) == NOTHING
+
+
+def test_kept_headers_are_what_the_request_headers_say(app) -> None:
+    """The log keeps each kept header as werkzeug's view of the request shows it: an empty
+    Content-Type or Content-Length is absent, an empty User-Agent is kept, a GET has neither."""
+
+    def as_request_headers_show() -> dict[str, str]:
+        wanted = {name.lower(): name for name in callbacks.KEPT_HEADERS}
+        shown: dict[str, str] = {}
+        for name, value in request.headers.items():
+            if name.lower() in wanted:
+                shown.setdefault(wanted[name.lower()], value)
+        return shown
+
+    cases = [
+        {"REQUEST_METHOD": "GET"},
+        {"REQUEST_METHOD": "POST", "CONTENT_TYPE": "", "CONTENT_LENGTH": ""},
+        {
+            "REQUEST_METHOD": "POST",
+            "CONTENT_TYPE": "application/x-www-form-urlencoded",
+            "CONTENT_LENGTH": "12",
+            "HTTP_USER_AGENT": "",
+            "HTTP_X_PLIVO_SIGNATURE_V3": "sig",
+            "HTTP_X_PLIVO_SIGNATURE_V3_NONCE": "123",
+            "HTTP_X_FORWARDED_FOR": "203.0.113.9,198.51.100.1",
+            "HTTP_COOKIE": "session=secret",
+        },
+    ]
+    for environ in cases:
+        with app.test_request_context("/plivo/recording", environ_overrides=environ):
+            assert callbacks.kept_headers() == as_request_headers_show(), environ
+
+
+def test_each_log_line_carries_its_own_time_in_utc() -> None:
+    """Times are formatted once a second: lines on both sides of a second's edge, and a late
+    line from the second before, each carry their own."""
+    formatter = JSONFormatter()
+    second = 1_767_225_599
+    for created in (second + 0.999, second + 1.0, second + 0.5, second + 86_400.25):
+        record = logging.makeLogRecord({"msg": "request", "created": created})
+        record.msecs = (created - int(created)) * 1000
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(int(created)))
+        expected = f"{stamp}.{int(record.msecs):03d}Z"
+        assert json.loads(formatter.format(record))["ts"] == expected
 
 
 def _parse_ms_by_decimal(text: str, scale: int, bounds: tuple[int, int]) -> int | str | None:

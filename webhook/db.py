@@ -105,9 +105,10 @@ def make_engine(
         # A SET rather than the `options` startup parameter, which PgBouncer refuses; outside a
         # transaction, so one round trip (not BEGIN, SET, COMMIT): connections are opened when
         # the load grows, when every round trip waits behind the other requests.
+        autocommit = dbapi_connection.autocommit
         dbapi_connection.autocommit = True
         dbapi_connection.execute(f"SET statement_timeout = {round(timeout * 1000)}")
-        dbapi_connection.autocommit = False
+        dbapi_connection.autocommit = autocommit
 
     return engine
 

@@ -42,6 +42,9 @@ class JSONFormatter(logging.Formatter):
         return json.dumps(entry, default=str, ensure_ascii=False)
 
 
+JSONFormatter.converter = time.gmtime  # formatTime, should anything call it, in UTC as well
+
+
 def configure(level: int = logging.INFO) -> None:
     """Send the service's logs to stdout as JSON lines (once per process)."""
     root = logging.getLogger("webhook")
@@ -72,8 +75,8 @@ def init_app(app: Flask) -> None:
     @app.after_request
     def _log_request(response: Response) -> Response:
         ended = time.perf_counter()
-        known = g.get  # the request's own g, looked up once
-        request_id = known("request_id", "")
+        from_g = g.get
+        request_id = from_g("request_id", "")
         response.headers["X-Request-ID"] = request_id
         log.info(
             "request",
@@ -81,12 +84,12 @@ def init_app(app: Flask) -> None:
                 "method": request.method,
                 "path": request.path,
                 "status": response.status_code,
-                "ms": round((ended - known("started", ended)) * 1000, 2),
+                "ms": round((ended - from_g("started", ended)) * 1000, 2),
                 "request_id": request_id or None,
-                "recording_id": known("recording_id"),
-                "staff": known("staff_name"),
+                "recording_id": from_g("recording_id"),
+                "staff": from_g("staff_name"),
                 "remote_addr": request.remote_addr,
-                **known("log_fields", {}),
+                **from_g("log_fields", {}),
             },
         )
         return response

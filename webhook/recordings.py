@@ -98,19 +98,18 @@ def parse_ms(name: str, text: str, scale: int, bounds: tuple[int, int]) -> int |
         return None
     # Plivo's usual form ("345100", "345100.00000"): whole, so read without a Decimal.
     whole, _, fraction = raw.partition(".")
+    value: int | None
     if whole.isascii() and whole.isdigit() and len(whole) <= 18 and not fraction.strip("0"):
-        plain = int(whole) * scale
-        if not bounds[0] <= plain <= bounds[1]:
-            raise BadParameter(name, f"{name} is out of range: {raw[:40]}")
-        return plain
-    try:
-        number = Decimal(raw)
-    except InvalidOperation:
-        raise BadParameter(name, f"{name} must be a number, got {raw[:40]!r}") from None
-    if not number.is_finite():
-        raise BadParameter(name, f"{name} must be a finite number")
-    # A huge exponent ("1e999999999") would overflow the decimal context or build a giant int.
-    value = int(number * scale) if number.adjusted() <= 18 else None
+        value = int(whole) * scale
+    else:
+        try:
+            number = Decimal(raw)
+        except InvalidOperation:
+            raise BadParameter(name, f"{name} must be a number, got {raw[:40]!r}") from None
+        if not number.is_finite():
+            raise BadParameter(name, f"{name} must be a finite number")
+        # A huge exponent ("1e999999999") would overflow the decimal context or build a giant int.
+        value = int(number * scale) if number.adjusted() <= 18 else None
     if value is None or not bounds[0] <= value <= bounds[1]:
         raise BadParameter(name, f"{name} is out of range: {raw[:40]}")
     return value
