@@ -215,6 +215,13 @@ def reset_peak_rss(pid: int) -> bool:
     return True
 
 
+def proc_stat(pid: int | str) -> list[str]:
+    """The fields of /proc/<pid>/stat after the command name (state, ppid, …, utime, stime…).
+
+    The command name may hold spaces and parentheses: the fields follow its last ")"."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def descendants(pid: int) -> list[int]:
     """Every live process below `pid` (gunicorn's workers under its master)."""
     parents: dict[int, int] = {}
@@ -222,9 +229,7 @@ def descendants(pid: int) -> list[int]:
         if not entry.name.isdigit():
             continue
         with contextlib.suppress(OSError, ValueError, IndexError):
-            stat = (entry / "stat").read_text()
-            # The command name may hold spaces and parentheses: the fields after the last ")".
-            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+            parents[int(entry.name)] = int(proc_stat(entry.name)[1])
     found: list[int] = []
     frontier = [pid]
     while frontier:
@@ -241,7 +246,7 @@ def cpu_times(pids: Iterable[int]) -> dict[int, float]:
     times = {}
     for pid in pids:
         with contextlib.suppress(OSError, ValueError, IndexError):
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            fields = proc_stat(pid)
             times[pid] = (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
     return times
 
@@ -258,20 +263,12 @@ def postmaster_pid(url: str) -> int:
     with psycopg.connect(libpq_url(url), autocommit=True) as conn:
         row = conn.execute("SELECT pg_backend_pid()").fetchone()
     assert row is not None
-    stat = Path(f"/proc/{row[0]}/stat").read_text()
-    return int(stat.rsplit(")", 1)[1].split()[1])
+    return int(proc_stat(row[0])[1])
 
 
 def postgres_pids(postmaster: int) -> list[int]:
     """That server's processes: the postmaster, and its backends and background processes."""
-    found = [postmaster]
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                stat = (entry / "stat").read_text()
-                if int(stat.rsplit(")", 1)[1].split()[1]) == postmaster:
-                    found.append(int(entry.name))
-    return found
+    return [postmaster, *descendants(postmaster)]
 
 
 class CPUSampler(threading.Thread):

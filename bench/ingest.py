@@ -23,12 +23,21 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import NamedTuple
 
 import common
 import loadgen
 from common import Report
 from loadgen import LoadResult
+
+
+class Measured(NamedTuple):
+    """One server's run in a round."""
+
+    result: LoadResult
+    rows: dict[str, int]  # what the database held afterwards (wait_for_rows)
+    peak_rss: list[int]  # each gunicorn worker's VmHWM, KiB
+    cpu: dict[str, float]  # CPU seconds used during the load: "web", "postgresql"
 
 
 def parse_args() -> argparse.Namespace:
@@ -147,9 +156,9 @@ def run(report: Report, args: argparse.Namespace) -> None:
             "app": ("gunicorn-app", None, "/healthz"),
         }
         postmaster = common.postmaster_pid(url)
-        rounds: list[dict[str, tuple[LoadResult, dict[str, int], list[int], dict[str, float]]]] = []
+        rounds: list[dict[str, Measured]] = []
         for number in range(args.rounds):
-            measured: dict[str, tuple[LoadResult, dict[str, int], list[int], dict[str, float]]] = {}
+            measured: dict[str, Measured] = {}
             order = ["reference", "app"] if number % 2 == 0 else ["app", "reference"]
             for which in order:
                 name, spec, ready = apps[which]
@@ -186,11 +195,11 @@ def run(report: Report, args: argparse.Namespace) -> None:
                     rss = [common.proc_status(pid).get("VmHWM", 0) for pid in workers]
                 finally:
                     server.stop()
-                measured[which] = (result, rows, rss, cpu)
+                measured[which] = Measured(result, rows, rss, cpu)
             rounds.append(measured)
 
     # The round whose ratio is the median stands for the run; every round is shown.
-    ratios = [r["app"][0].rps / max(r["reference"][0].rps, 1e-9) for r in rounds]
+    ratios = [r["app"].result.rps / max(r["reference"].result.rps, 1e-9) for r in rounds]
     middle = rounds[sorted(range(len(rounds)), key=lambda n: ratios[n])[(len(rounds) - 1) // 2]]
     app_result, counts, peak_rss, _ = middle["app"]
     ref_result, ref_counts, _, _ = middle["reference"]
@@ -225,16 +234,16 @@ def run(report: Report, args: argparse.Namespace) -> None:
                 for row in (
                     result_row(
                         f"reference (contract, raw psycopg), round {number}",
-                        measured["reference"][0],
+                        measured["reference"].result,
                     ),
-                    result_row(f"webhook app (PostgreSQL), round {number}", measured["app"][0]),
+                    result_row(f"webhook app (PostgreSQL), round {number}", measured["app"].result),
                 )
             ],
         ],
     )
 
-    def per_callback_us(measured: tuple[Any, ...], where: str) -> float:
-        return 1e6 * measured[3][where] / max(measured[0].completed, 1)
+    def per_callback_us(measured: Measured, where: str) -> float:
+        return 1e6 * measured.cpu[where] / max(measured.result.completed, 1)
 
     report.table(
         "server CPU per callback, µs (gunicorn's workers; the PostgreSQL server's processes)",
@@ -280,8 +289,8 @@ def run(report: Report, args: argparse.Namespace) -> None:
             "app": app_result.brief(),
             "rounds": [
                 {
-                    "reference": measured["reference"][0].brief(),
-                    "app": measured["app"][0].brief(),
+                    "reference": measured["reference"].result.brief(),
+                    "app": measured["app"].result.brief(),
                     "ratio": round(ratio, 3),
                     "server_cpu_us_per_callback": {
                         which: {
@@ -316,9 +325,9 @@ def run(report: Report, args: argparse.Namespace) -> None:
         f"statuses {app_result.statuses}, socket errors {app_result.socket_errors}",
     )
     stored_once = all(
-        measured["app"][1]["bench"] == args.callbacks
-        and measured["app"][1]["warm"] == args.warmup
-        and measured["app"][1]["callback_log"] == args.callbacks + args.warmup
+        measured["app"].rows["bench"] == args.callbacks
+        and measured["app"].rows["warm"] == args.warmup
+        and measured["app"].rows["callback_log"] == args.callbacks + args.warmup
         for measured in rounds
     )
     report.check(
