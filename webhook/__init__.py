@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
@@ -50,12 +51,22 @@ class Services:
         return PlivoClient(s.plivo_auth_id, s.plivo_auth_token, s.plivo_api_url)
 
 
+class App(Flask):
+    """Flask, for a service whose views, hooks and error handlers are all plain functions
+    (`tests/test_app.py` holds every one of them to that)."""
+
+    def ensure_sync(self, func: Callable[..., Any]) -> Callable[..., Any]:
+        # Flask asks of each view and hook, on every request, whether it is a coroutine function
+        # to be run in an event loop; here none is, and each is called as it is.
+        return func
+
+
 def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     """Build the Flask app: settings from the environment (or `test_config["SETTINGS"]`)."""
     from webhook import api, callbacks, console, errors, logs, meta, metrics
     from webhook.db import close_request_session, make_engine, make_session_factory
 
-    app = Flask(__name__, instance_relative_config=True)
+    app = App(__name__, instance_relative_config=True)
     test_config = test_config or {}
     settings: Settings = test_config.get("SETTINGS") or load(app.instance_path)
     app.config.update(MAX_CONTENT_LENGTH=settings.max_callback_bytes)

@@ -17,6 +17,7 @@ bp.register_blueprint(audit.bp)
 def _audit_api_request(response: Response) -> Response:
     """Audit every request under /api, also one matching no route (404, 405): a blueprint's
     own after_request never sees those."""
-    if request.path == "/api" or request.path.startswith("/api/"):
+    path = request.path
+    if path == "/api" or path.startswith("/api/"):
         return write_audit(response)
     return response

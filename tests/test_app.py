@@ -1,0 +1,45 @@
+"""The Flask app as built by `create_app`: what every request relies on."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from flask import Flask
+
+from webhook import App
+
+
+def _every_function(app: Flask) -> Iterator[tuple[str, Callable[..., Any]]]:
+    yield from (("view " + name, view) for name, view in app.view_functions.items())
+    for hooks in (app.before_request_funcs, app.after_request_funcs, app.teardown_request_funcs):
+        for scope, funcs in hooks.items():
+            yield from ((f"hook of {scope or 'the app'}", func) for func in funcs)
+    yield from (("teardown of the app context", func) for func in app.teardown_appcontext_funcs)
+    for scope, by_code in app.error_handler_spec.items():
+        for handlers in by_code.values():
+            yield from ((f"error handler of {scope or 'the app'}", h) for h in handlers.values())
+
+
+def test_every_view_hook_and_error_handler_is_a_plain_function(app: Flask) -> None:
+    """App.ensure_sync calls each as it is, without Flask's check for a coroutine function."""
+    assert isinstance(app, App)
+    found = list(_every_function(app))
+    names = {func.__name__ for _where, func in found}
+    # Views, hooks, the teardown and error handlers are all among them.
+    assert {"recording_callback", "_log_request", "close_request_session"} <= names
+    assert any(where.startswith("error handler") for where, _func in found)
+    coroutines = [where for where, func in found if inspect.iscoroutinefunction(func)]
+    assert not coroutines
+    assert app.ensure_sync(_every_function) is _every_function
+
+
+def test_a_coroutine_function_would_be_found() -> None:
+    app = Flask(__name__)
+
+    @app.get("/")
+    async def view() -> str:
+        return ""
+
+    assert [where for where, func in _every_function(app) if inspect.iscoroutinefunction(func)]
