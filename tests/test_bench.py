@@ -141,6 +141,15 @@ def test_ingest(generator: str) -> None:
     assert result["results"]["app"]["generator"] == generator
 
 
+@pytest.mark.skipif(not shutil.which("valgrind"), reason="valgrind is not installed")
+@needs_postgres
+def test_ingest_instructions() -> None:
+    result = run_bench("ingest_instructions", "--callbacks", "30", "--warmup", "10", timeout=600.0)
+    counts = result["results"]["instructions_per_callback"]
+    assert counts["app"] > 0 and counts["reference"] > 0
+    assert result["results"]["app_over_reference"] == round(counts["app"] / counts["reference"], 3)
+
+
 @needs_postgres
 def test_archive_stream() -> None:
     result = run_bench("archive_stream", "--big-mib", "8")

@@ -12,7 +12,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 import pytest
-from flask import Flask, request
+from flask import Flask, jsonify, request
 from flask.testing import FlaskClient
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import DBAPIError
@@ -79,6 +79,10 @@ def test_signed_callback_is_stored_and_queued(app, client, plivo):
     response = post_callback(client, plivo, params)
     assert response.status_code == 200, response.json
     assert response.json == {"status": "accepted", "recording_id": "rec-1"}
+    # Byte for byte what Flask's jsonify gives, as every other answer of the service.
+    with app.app_context():
+        expected = jsonify({"status": "accepted", "recording_id": "rec-1"})
+    assert (response.data, response.mimetype) == (expected.data, expected.mimetype)
     with services(app).sessions() as session:
         recording = session.scalars(select(Recording)).one()
     assert recording.status == Status.PENDING
