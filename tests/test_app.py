@@ -6,9 +6,9 @@ import inspect
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from flask import Flask
+from flask import Flask, request
 
-from webhook import App
+from webhook import App, services
 
 
 def _every_function(app: Flask) -> Iterator[tuple[str, Callable[..., Any]]]:
@@ -43,3 +43,20 @@ def test_a_coroutine_function_would_be_found() -> None:
         return ""
 
     assert [where for where, func in _every_function(app) if inspect.iscoroutinefunction(func)]
+
+
+def test_each_request_has_the_body_limits_of_the_config(app: Flask) -> None:
+    config = app.config
+    limits = (
+        config["MAX_CONTENT_LENGTH"],
+        config["MAX_FORM_MEMORY_SIZE"],
+        config["MAX_FORM_PARTS"],
+    )
+    assert config["MAX_CONTENT_LENGTH"] == services(app).settings.max_callback_bytes
+    with app.test_request_context("/plivo/recording", method="POST"):
+        req = request._get_current_object()  # type: ignore[attr-defined]
+        assert (req.max_content_length, req.max_form_memory_size, req.max_form_parts) == limits
+        req.max_content_length = 10  # a request may still set its own, as Flask allows
+        assert req.max_content_length == 10
+    with app.test_request_context("/plivo/recording", method="POST"):
+        assert request.max_content_length == limits[0]

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from flask import Flask
+from flask import Flask, Request
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -60,6 +60,19 @@ class App(Flask):
         # to be run in an event loop; here none is, and each is called as it is.
         return func
 
+    def fix_request_limits(self) -> None:
+        """Give every request the body limits the config holds now (`create_app` calls this once
+        the config is complete). Flask's own request reads each limit from the config through
+        the app's proxy, several times a request; a request may still set its own."""
+        config = self.config
+
+        class LimitedRequest(Request):
+            max_content_length = config["MAX_CONTENT_LENGTH"]
+            max_form_memory_size = config["MAX_FORM_MEMORY_SIZE"]
+            max_form_parts = config["MAX_FORM_PARTS"]
+
+        self.request_class = LimitedRequest
+
 
 def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     """Build the Flask app: settings from the environment (or `test_config["SETTINGS"]`)."""
@@ -97,6 +110,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(meta.bp)
     app.register_blueprint(console.bp)
     metrics.init_app(app)
+    app.fix_request_limits()
     return app
 
 

@@ -230,9 +230,10 @@ def receive(dispatch: Dispatch) -> Response:
             session.rollback()
             raise _refuse("replayed_nonce", "This signature nonce was used before")
         session.commit()
-    g.recording_id = outcome.recording_id
+    request_g = g._get_current_object()
+    request_g.recording_id = outcome.recording_id
     # On the request's own log line (webhook.logs): one line per callback.
-    g.log_fields = {"callback": kind, "duplicate": outcome.duplicate}
+    request_g.log_fields = {"callback": kind, "duplicate": outcome.duplicate}
     return _answer(outcome.answer)
 
 
