@@ -154,8 +154,8 @@ def request_session() -> Session:
 
 def close_request_session(_exc: BaseException | None = None) -> None:
     """Roll back whatever the request did not commit, and give the connection back."""
-    if "db_session" in g:  # most requests open none (and a read through `g` costs)
-        session: Session = g.pop("db_session")
+    session: Session | None = g.pop("db_session", None)
+    if session is not None:
         session.close()
 
 
