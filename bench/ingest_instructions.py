@@ -4,12 +4,13 @@ the app and of the reference (`bench/ref_ingest_app.py`), counted by valgrind's 
     .venv/bin/python bench/ingest_instructions.py [--callbacks 1000] [--connections 16]
 
 `bench/ingest.py` measures requests per second, which on a shared machine moves by a third from
-one round to the next. An instruction count does not: the same code given the same callbacks
-runs the same instructions whatever else the machine does (runs of this benchmark agree to
-0.1 %). Each server runs the Procfile's web command with one worker under callgrind, counting
-only while the measured callbacks are sent (not the start, nor the warm-up); the worker's count
-is divided by the callbacks. It counts what runs in the worker (gunicorn, Flask, the service or
-the reference, psycopg), not PostgreSQL's work nor the kernel's. Needs valgrind
+one round to the next. An instruction count barely moves: the same code given the same callbacks
+runs the same instructions whatever else the machine does, but for how the concurrent requests
+happen to interleave (runs of this benchmark agree within 0.5 %). Each server runs the
+Procfile's web command with one worker under callgrind, counting only while the measured
+callbacks are sent (not the start, nor the warm-up); the worker's count is divided by the
+callbacks. It counts what runs in the worker (gunicorn, Flask, the service or the reference,
+psycopg), not PostgreSQL's work nor the kernel's. Needs valgrind
 (`apt-get install -y valgrind`).
 """
 
