@@ -6,7 +6,7 @@ the app and of the reference (`bench/ref_ingest_app.py`), counted by valgrind's 
 `bench/ingest.py` measures requests per second, which on a shared machine moves by a third from
 one round to the next. An instruction count barely moves: the same code given the same callbacks
 runs the same instructions whatever else the machine does, but for how the concurrent requests
-happen to interleave (runs of this benchmark agree within 0.5 %). Each server runs the
+happen to interleave (runs of the same size agree within 0.5 %). Each server runs the
 Procfile's web command with one worker under callgrind, counting only while the measured
 callbacks are sent (not the start, nor the warm-up); the worker's count is divided by the
 callbacks. It counts what runs in the worker (gunicorn, Flask, the service or the reference,
@@ -51,7 +51,8 @@ def callgrind(*args: str) -> None:
 def counted(out_dir: Path, pid: int) -> int:
     """The instructions callgrind counted in process `pid` (its dumps' totals)."""
     total = 0
-    for dump in out_dir.glob(f"callgrind.out.{pid}*"):
+    dumps = [out_dir / f"callgrind.out.{pid}", *out_dir.glob(f"callgrind.out.{pid}.*")]
+    for dump in (path for path in dumps if path.exists()):
         for line in dump.read_text(errors="replace").splitlines():
             if line.startswith("totals:"):
                 total += int(line.split()[1])

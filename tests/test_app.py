@@ -17,6 +17,8 @@ def _every_function(app: Flask) -> Iterator[tuple[str, Callable[..., Any]]]:
         for scope, funcs in hooks.items():
             yield from ((f"hook of {scope or 'the app'}", func) for func in funcs)
     yield from (("teardown of the app context", func) for func in app.teardown_appcontext_funcs)
+    for scope, processors in app.template_context_processors.items():
+        yield from ((f"context processor of {scope or 'the app'}", p) for p in processors)
     for scope, by_code in app.error_handler_spec.items():
         for handlers in by_code.values():
             yield from ((f"error handler of {scope or 'the app'}", h) for h in handlers.values())
@@ -28,11 +30,21 @@ def test_every_view_hook_and_error_handler_is_a_plain_function(app: Flask) -> No
     found = list(_every_function(app))
     names = {func.__name__ for _where, func in found}
     # Views, hooks, the teardown and error handlers are all among them.
-    assert {"recording_callback", "_log_request", "close_request_session"} <= names
+    assert {
+        "recording_callback",
+        "_log_request",
+        "close_request_session",
+        "_console_context",
+    } <= names
     assert any(where.startswith("error handler") for where, _func in found)
     coroutines = [where for where, func in found if inspect.iscoroutinefunction(func)]
     assert not coroutines
-    assert app.ensure_sync(_every_function) is _every_function
+
+    async def coroutine_function() -> None:
+        pass
+
+    # Which is why none may be: App runs each as it is (Flask would wrap this one).
+    assert app.ensure_sync(coroutine_function) is coroutine_function
 
 
 def test_a_coroutine_function_would_be_found() -> None:
@@ -58,5 +70,7 @@ def test_each_request_has_the_body_limits_of_the_config(app: Flask) -> None:
         assert (req.max_content_length, req.max_form_memory_size, req.max_form_parts) == limits
         req.max_content_length = 10  # a request may still set its own, as Flask allows
         assert req.max_content_length == 10
+        req.max_content_length = None  # and go back to the config's, as Flask does
+        assert req.max_content_length == limits[0]
     with app.test_request_context("/plivo/recording", method="POST"):
         assert request.max_content_length == limits[0]

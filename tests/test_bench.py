@@ -146,8 +146,8 @@ def test_ingest(generator: str) -> None:
 def test_ingest_instructions() -> None:
     result = run_bench("ingest_instructions", "--callbacks", "30", "--warmup", "10", timeout=600.0)
     counts = result["results"]["instructions_per_callback"]
-    assert counts["app"] > 0 and counts["reference"] > 0
-    assert result["results"]["app_over_reference"] == round(counts["app"] / counts["reference"], 3)
+    # A callback is hundreds of thousands of instructions in either server, not a stray count.
+    assert counts["app"] > 100_000 and counts["reference"] > 100_000
 
 
 @needs_postgres

@@ -52,8 +52,8 @@ class Services:
 
 
 class App(Flask):
-    """Flask, for a service whose views, hooks and error handlers are all plain functions
-    (`tests/test_app.py` holds every one of them to that)."""
+    """Flask, for a service whose views, hooks, error handlers and context processors are all
+    plain functions (`tests/test_app.py` holds each registered one to that)."""
 
     def ensure_sync(self, func: Callable[..., Any]) -> Callable[..., Any]:
         # Flask asks of each view and hook, on every request, whether it is a coroutine function
@@ -61,15 +61,17 @@ class App(Flask):
         return func
 
     def fix_request_limits(self) -> None:
-        """Give every request the body limits the config holds now (`create_app` calls this once
-        the config is complete). Flask's own request reads each limit from the config through
-        the app's proxy, several times a request; a request may still set its own."""
+        """Give every request the body limits of the config as `create_app` leaves it (it calls
+        this last; the web server's read-ahead in `webhook.serving` reads the same values).
+        Flask's request looks each limit up in the config through the app's proxy, several times
+        a request; here each is its request's own default instead, so Flask's rules stay: a
+        request may set its own limit, and setting None goes back to the config's."""
         config = self.config
 
         class LimitedRequest(Request):
-            max_content_length = config["MAX_CONTENT_LENGTH"]
-            max_form_memory_size = config["MAX_FORM_MEMORY_SIZE"]
-            max_form_parts = config["MAX_FORM_PARTS"]
+            _max_content_length = config["MAX_CONTENT_LENGTH"]
+            _max_form_memory_size = config["MAX_FORM_MEMORY_SIZE"]
+            _max_form_parts = config["MAX_FORM_PARTS"]
 
         self.request_class = LimitedRequest
 

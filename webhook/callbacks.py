@@ -199,7 +199,8 @@ def receive(dispatch: Dispatch) -> Response:
     if method not in CALLBACK_METHODS:
         # Flask answers HEAD on every GET route; a HEAD is not a callback.
         raise APIError(405, "method_not_allowed", "Callbacks are POST or GET")
-    svc = services(current_app._get_current_object())  # type: ignore[attr-defined]
+    app = current_app._get_current_object()  # type: ignore[attr-defined]
+    svc = services(app)
     body = read_body(req)
     verified = verify(svc.settings, req)
     kind, handle = dispatch(verified.fields)
@@ -234,15 +235,9 @@ def receive(dispatch: Dispatch) -> Response:
     request_g.recording_id = outcome.recording_id
     # On the request's own log line (webhook.logs): one line per callback.
     request_g.log_fields = {"callback": kind, "duplicate": outcome.duplicate}
-    return _answer(outcome.answer)
-
-
-# jsonify's compact JSON, without its lookups through the app proxy on every callback.
-_ANSWER = json.JSONEncoder(separators=(",", ":"))
-
-
-def _answer(body: dict[str, Any]) -> Response:
-    return Response(_ANSWER.encode(body) + "\n", mimetype="application/json")
+    # What jsonify answers, from the app at hand rather than through its proxy again.
+    answer: Response = app.json.response(outcome.answer)
+    return answer
 
 
 def store_recording(session: Session, fields: Mapping[str, str]) -> Outcome:

@@ -53,7 +53,9 @@ def configure(level: int = logging.INFO) -> None:
     if any(isinstance(h.formatter, JSONFormatter) for h in root.handlers):
         return
     # No line shows the caller's file and line: each record skips looking for them (the logging
-    # HOWTO's "Optimization"). The thread and process stay: gunicorn's own lines print the pid.
+    # HOWTO's "Optimization"). For the whole process, so `stack_info` and `stacklevel`, which
+    # the service does not use, have no effect either. The thread and process ids stay:
+    # gunicorn's own lines print the pid.
     logging._srcfile = None
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(JSONFormatter())
