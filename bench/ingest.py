@@ -30,6 +30,9 @@ import loadgen
 from common import Report
 from loadgen import LoadResult
 
+# The reference app, as gunicorn is told to load it (bench/ is on its PYTHONPATH).
+REFERENCE_APP = "ref_ingest_app:create_app()"
+
 
 class Measured(NamedTuple):
     """One server's run in a round."""
@@ -81,6 +84,22 @@ def build_callbacks(public_url: str, tag: str, prefix: str, count: int) -> list[
     return requests
 
 
+def server_settings(url: str, public_url: str, work: Path, workers: int) -> dict[str, str]:
+    """The environment every server of the benchmark gets: the benchmark's database, Plivo's
+    test credentials, a local archive, `workers` gunicorn workers."""
+    return {
+        "WEB_CONCURRENCY": str(workers),
+        # For the reference and the empty endpoint; the service does not mind it.
+        "PYTHONPATH": str(common.BENCH),
+        "DATABASE_URL": common.libpq_url(url),
+        "PUBLIC_URL": public_url,
+        "PLIVO_AUTH_ID": common.PLIVO_AUTH_ID,
+        "PLIVO_AUTH_TOKEN": common.PLIVO_AUTH_TOKEN,
+        "ARCHIVE_URL": f"file://{work}/archive",
+        "RECORDING_HOSTS": "127.0.0.1",
+    }
+
+
 def result_row(label: str, result: LoadResult) -> list[object]:
     return [
         label,
@@ -111,16 +130,7 @@ def run(report: Report, args: argparse.Namespace) -> None:
         tag = uuid.uuid4().hex[:8]
         warmup = build_callbacks(public_url, tag, "warm", args.warmup)
         callbacks = build_callbacks(public_url, tag, "bench", args.callbacks)
-        settings = {
-            "WEB_CONCURRENCY": str(args.workers),
-            "PYTHONPATH": str(common.BENCH),  # for empty_app; the service does not mind it
-            "DATABASE_URL": common.libpq_url(url),
-            "PUBLIC_URL": public_url,
-            "PLIVO_AUTH_ID": common.PLIVO_AUTH_ID,
-            "PLIVO_AUTH_TOKEN": common.PLIVO_AUTH_TOKEN,
-            "ARCHIVE_URL": f"file://{work}/archive",
-            "RECORDING_HOSTS": "127.0.0.1",
-        }
+        settings = server_settings(url, public_url, work, args.workers)
         if args.gunicorn_args:
             settings["GUNICORN_CMD_ARGS"] = args.gunicorn_args
         env = common.service_env(work / "home", settings)
@@ -152,7 +162,7 @@ def run(report: Report, args: argparse.Namespace) -> None:
         # rounds that alternate which goes first, each on fresh callbacks and a settled database
         # (checkpointed and vacuumed), so that neither pays for the other's writes.
         apps = {
-            "reference": ("gunicorn-reference", "ref_ingest_app:create_app()", "/"),
+            "reference": ("gunicorn-reference", REFERENCE_APP, "/"),
             "app": ("gunicorn-app", None, "/healthz"),
         }
         postmaster = common.postmaster_pid(url)

@@ -27,11 +27,10 @@ from pathlib import Path
 import common
 import loadgen
 from common import Report
-from ingest import build_callbacks, wait_for_rows
+from ingest import REFERENCE_APP, build_callbacks, server_settings, wait_for_rows
 
 # callgrind runs a program some fifty times slower than it runs alone.
 SLOWDOWN = 50
-REFERENCE_APP = "ref_ingest_app:create_app()"
 
 
 def parse_args() -> argparse.Namespace:
@@ -105,17 +104,10 @@ def run(report: Report, args: argparse.Namespace) -> None:
         port = common.free_port()
         public_url = f"http://127.0.0.1:{port}"
         settings = {
-            "WEB_CONCURRENCY": "1",
-            "PYTHONPATH": str(common.BENCH),  # for the reference
+            **server_settings(url, public_url, work, workers=1),
             "PYTHONHASHSEED": "0",  # the same hashing, so the same work, in every run
             # Under callgrind a request takes far longer than gunicorn's default 30 s allows.
             "GUNICORN_CMD_ARGS": "--timeout 600",
-            "DATABASE_URL": common.libpq_url(url),
-            "PUBLIC_URL": public_url,
-            "PLIVO_AUTH_ID": common.PLIVO_AUTH_ID,
-            "PLIVO_AUTH_TOKEN": common.PLIVO_AUTH_TOKEN,
-            "ARCHIVE_URL": f"file://{work}/archive",
-            "RECORDING_HOSTS": "127.0.0.1",
         }
         env = common.service_env(work / "home", settings)
         figures: dict[str, int] = {}
