@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import datetime as dt
 import io
 import json
 import logging
@@ -230,7 +231,15 @@ def test_repeated_parameters_are_all_recorded(app: Flask, client: Any) -> None:
 # --- anonymous requests cannot fill the database -------------------------------------------------
 
 
-def test_anonymous_requests_are_counted_in_bounded_rows(app: Flask, client: Any) -> None:
+def test_anonymous_requests_are_counted_in_bounded_rows(
+    app: Flask, client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The tally is kept per minute: the clock is fixed so that the flood falls in one.
+    minute = dt.datetime(2026, 1, 5, 9, 30, tzinfo=dt.UTC)
+    ticks = iter(range(10_000))
+    monkeypatch.setattr(
+        "webhook.audit.utcnow", lambda: minute + dt.timedelta(milliseconds=next(ticks))
+    )
     agent = "flood/" + "A" * 8000
     query = "q=" + "z" * 4000
     for n in range(40):
@@ -252,7 +261,22 @@ def test_anonymous_requests_are_counted_in_bounded_rows(app: Flask, client: Any)
     ]
     for tally in tallies:
         assert len(tally.path) <= 256 and len(tally.user_agent or "") <= 256
-        assert tally.first_at <= tally.last_at
+        assert tally.first_at < tally.last_at or tally.count == 1
+
+    # The next minute opens a row of its own.
+    monkeypatch.setattr("webhook.audit.utcnow", lambda: minute + dt.timedelta(seconds=61))
+    assert client.get("/api/recordings", headers={"User-Agent": agent}).status_code == 401
+    with services(app).sessions() as session:
+        rows = session.execute(
+            select(
+                AuditAnonymous.window_start, AuditAnonymous.status, AuditAnonymous.count
+            ).order_by(AuditAnonymous.window_start, AuditAnonymous.status)
+        ).all()
+    assert [tuple(r) for r in rows] == [
+        (minute, 401, 40),
+        (minute, 404, 1),
+        (minute + dt.timedelta(minutes=1), 401, 1),
+    ]
 
 
 def test_staff_user_agent_is_capped(app: Flask, client: Any) -> None:
