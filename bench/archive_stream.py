@@ -245,7 +245,7 @@ def run(report: Report, args: argparse.Namespace) -> None:
         "<= 64",
         growth <= 64,
     )
-    report.target("worker / upload_file throughput", round(ratio, 2), ">= 0.8", ratio >= 0.8)
+    report.target("worker / upload_file throughput", round(ratio, 2), ">= 0.9", ratio >= 0.9)
 
 
 def queue_recording(url: str, media_base: str, content: str, recording_id: str, size: int) -> None:

@@ -757,7 +757,7 @@ class Report:
     def print_targets(self) -> None:
         if self.targets:
             self.table(
-                "targets (issue 5 / 3 / 4)",
+                "targets",
                 ["target", "value", "goal", "met"],
                 [(k, v["value"], v["goal"], v["met"]) for k, v in self.targets.items()],
             )

@@ -157,6 +157,18 @@ def test_archive_stream() -> None:
 
 
 @needs_postgres
+def test_drain() -> None:
+    result = run_bench(
+        "drain", "--recordings", "6", "--kib", "64", "--workers", "1,2", "--rounds", "2"
+    )
+    figures = result["results"]
+    assert [sorted(r) for r in figures["rounds"]] == [["reference", "worker"]] * 2
+    assert all(r["worker"]["right"] == 6 for r in figures["rounds"])
+    assert figures["workers_2"]["right"] == 6
+    assert figures["startup_seconds"]["worker"] > 0
+
+
+@needs_postgres
 def test_query() -> None:
     result = run_bench(
         "query", "--recordings", "2000", "--repeat", "3", "--pages", "12", "--quiet-plans"
