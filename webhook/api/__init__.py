@@ -17,7 +17,8 @@ bp.register_blueprint(audit.bp)
 def _audit_api_request(response: Response) -> Response:
     """Audit every request under /api, also one matching no route (404, 405): a blueprint's
     own after_request never sees those."""
-    path = request.path
+    # The request itself, not its proxy: this runs after every request, callbacks included.
+    path = request._get_current_object().path  # type: ignore[attr-defined]
     if path == "/api" or path.startswith("/api/"):
         return write_audit(response)
     return response
