@@ -70,9 +70,17 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--recordings", type=int, default=200)
     parser.add_argument("--kib", type=int, default=512)
-    parser.add_argument("--workers", default="1,2,4", help="worker process counts to run")
     parser.add_argument(
-        "--rounds", type=int, default=3, help="reference and one-worker runs, alternating first"
+        "--workers",
+        default="1,2,4",
+        help="worker process counts to run (one worker always runs, in the rounds)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="reference and one-worker runs, alternating first (an even count takes the lower "
+        "of the two middle rounds)",
     )
     parser.add_argument("--database-url", default=None)
     parser.add_argument("--timeout", type=float, default=None)
@@ -122,8 +130,11 @@ def outcome(url: str, ids: list[str], expected_sha: str, size: int) -> dict[str,
     return {"rows": len(rows), "right": right}
 
 
-def run_together(commands: list[list[str]], env: dict[str, str], timeout: float) -> float:
-    """Start the processes together; the seconds until the last one ended."""
+def run_together(
+    commands: list[list[str]], env: dict[str, str], timeout: float
+) -> tuple[float, bool]:
+    """Start the processes together; the seconds until the last one ended, and whether each
+    exited 0."""
     import subprocess
 
     started = time.perf_counter()
@@ -142,14 +153,13 @@ def run_together(commands: list[list[str]], env: dict[str, str], timeout: float)
         _, err = proc.communicate(timeout=timeout)
         if proc.returncode != 0:
             common.say(err.decode(errors="replace")[-3000:])
-    return time.perf_counter() - started
+    return time.perf_counter() - started, all(proc.returncode == 0 for proc in procs)
 
 
 class Drain:
     """The benchmark's servers and database, and one run of either side over fresh recordings."""
 
     def __init__(self, stack: contextlib.ExitStack, args: argparse.Namespace) -> None:
-        self.args = args
         self.size = args.kib * 1024
         self.work = Path(tempfile.mkdtemp(prefix="bench-drain-"))
         stack.callback(shutil.rmtree, self.work, ignore_errors=True)
@@ -196,19 +206,23 @@ class Drain:
         if done.returncode != 0:
             common.say(done.stderr.decode(errors="replace")[-3000:])
         right = done.returncode == 0 and out.get("copied") == recordings and out.get("bad") == 0
-        return {"seconds": round(seconds, 2), "right": right, **out}
+        return {"seconds": round(seconds, 3), "right": right, **out}
 
     def workers(self, label: str, processes: int, recordings: int) -> dict[str, Any]:
         """`processes` workers started together on `recordings` freshly queued recordings."""
         ids = [f"{self.content}-{label}-{i:05d}" for i in range(recordings)]
         queue(self.url, self.media_base, self.content, ids, self.size)
-        seconds = run_together(
+        seconds, exited_0 = run_together(
             [[str(common.BIN / "webhook"), "worker", "--once"] for _ in range(processes)],
             self.worker_env,
             self.timeout,
         )
         ended = outcome(self.url, ids, self.expected, self.size)
-        return {"seconds": round(seconds, 2), **ended, "all_right": ended["right"] == recordings}
+        return {
+            "seconds": round(seconds, 3),
+            **ended,
+            "all_right": exited_0 and ended["right"] == ended["rows"] == recordings,
+        }
 
 
 def run(report: Report, args: argparse.Namespace) -> None:
@@ -236,12 +250,12 @@ def run(report: Report, args: argparse.Namespace) -> None:
         # How the drain scales with more worker processes (1 is the rounds' own).
         scaling = {p: drain.workers(f"x{p}", p, n) for p in counts if p != 1}
 
-    def rate(run: dict[str, Any]) -> float:
-        return round(n / max(run["seconds"], 1e-9), 1)
+    def rate(measured: dict[str, Any]) -> float:
+        return round(n / max(measured["seconds"], 1e-9), 1)
 
-    ratios = [rate(r["worker"]) / rate(r["reference"]) for r in rounds]
-    middle = sorted(range(len(rounds)), key=lambda i: ratios[i])[len(rounds) // 2]
-    ref_rate = rate(rounds[middle]["reference"])
+    ratios = [r["reference"]["seconds"] / max(r["worker"]["seconds"], 1e-9) for r in rounds]
+    middle = sorted(range(len(rounds)), key=lambda i: ratios[i])[(len(rounds) - 1) // 2]
+    ref_seconds = rounds[middle]["reference"]["seconds"]
     rows: list[list[Any]] = []
     for number, measured in enumerate(rounds, 1):
         for side in ("reference", "worker"):
@@ -256,7 +270,7 @@ def run(report: Report, args: argparse.Namespace) -> None:
                 n,
                 run_["seconds"],
                 rate(run_),
-                round(rate(run_) / ref_rate, 2),
+                round(ref_seconds / max(run_["seconds"], 1e-9), 2),
             ]
         )
     report.table(
@@ -281,7 +295,7 @@ def run(report: Report, args: argparse.Namespace) -> None:
             "rounds": rounds,
             "ratios_one_worker_reference": [round(r, 3) for r in ratios],
             "ratio_one_worker_reference": round(ratio, 3),
-            "reference_rate_median_round": ref_rate,
+            "reference_rate_median_round": rate(rounds[middle]["reference"]),
             **{f"workers_{p}": {**run_, "recordings_s": rate(run_)} for p, run_ in scaling.items()},
             "startup_seconds": {side: run_["seconds"] for side, run_ in startup.items()},
         }
@@ -298,13 +312,20 @@ def run(report: Report, args: argparse.Namespace) -> None:
         report.check(
             f"{label} archived every recording once with the right SHA-256, in every run",
             all(run_["all_right"] for run_ in runs),
-            str([f"{run_['right']} of {run_['rows']}" for run_ in runs]),
+            str([f"{run_['right']} of {n}" for run_ in runs]),
         )
+    report.check(
+        "a worker finding nothing due started and exited 0",
+        startup["worker"]["all_right"],
+        f"{startup['worker']['seconds']} s",
+    )
     report.target("one worker / reference loop", round(ratio, 2), ">= 0.8", ratio >= 0.8)
 
 
 def main() -> None:
     args = parse_args()
+    if args.rounds < 1:
+        raise SystemExit("--rounds must be at least 1")
     timeout = args.timeout or 900.0
     params = {
         "recordings": args.recordings,

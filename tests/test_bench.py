@@ -165,6 +165,7 @@ def test_drain() -> None:
     assert [sorted(r) for r in figures["rounds"]] == [["reference", "worker"]] * 2
     assert all(r["worker"]["right"] == 6 for r in figures["rounds"])
     assert figures["workers_2"]["right"] == 6
+    assert len(figures["ratios_one_worker_reference"]) == 2
     assert figures["startup_seconds"]["worker"] > 0
 
 

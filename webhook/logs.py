@@ -52,11 +52,11 @@ def configure(level: int = logging.INFO) -> None:
     root = logging.getLogger("webhook")
     if any(isinstance(h.formatter, JSONFormatter) for h in root.handlers):
         return
-    # No line shows the caller's file and line, thread name or process name: each record skips
-    # looking for them (the logging HOWTO's "Optimization"). For the whole process, so
-    # `stack_info` and `stacklevel`, which the service does not use, have no effect either, and
-    # no format may show %(threadName)s or %(processName)s. The process id stays: gunicorn's own
-    # lines print it.
+    # No line shows the caller's file and line, the thread (id and name) or the process's name:
+    # each record skips looking for them (the logging HOWTO's "Optimization"). For the whole
+    # process, so `stack_info` and `stacklevel`, which the service does not use, have no effect
+    # either, and no format may show %(thread)d, %(threadName)s or %(processName)s. The process
+    # id stays: gunicorn's own lines print it.
     logging._srcfile = None
     logging.logThreads = False
     logging.logMultiprocessing = False

@@ -94,7 +94,8 @@ def _secure() -> bool:
 
 
 def _is_console_page() -> bool:
-    # The request itself, not its proxy: this runs after every request, callbacks included.
+    # The request itself, not its proxy: the after-request hook asks this of every request,
+    # callbacks included.
     path = request._get_current_object().path  # type: ignore[attr-defined]
     return (path == "/console" or path.startswith("/console/")) and not path.startswith(
         "/console/static/"
