@@ -75,6 +75,12 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def median_index(values: Sequence[float]) -> int:
+    """Where the median of `values` is (the lower of the two middle ones for an even count): the
+    round that stands for a run of rounds."""
+    return sorted(range(len(values)), key=values.__getitem__)[(len(values) - 1) // 2]
+
+
 def percentile(values: Sequence[float], p: float) -> float:
     """The p-th percentile (0-100), linear between closest ranks (numpy's default)."""
     if not values:

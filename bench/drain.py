@@ -254,7 +254,7 @@ def run(report: Report, args: argparse.Namespace) -> None:
         return round(n / max(measured["seconds"], 1e-9), 1)
 
     ratios = [r["reference"]["seconds"] / max(r["worker"]["seconds"], 1e-9) for r in rounds]
-    middle = sorted(range(len(rounds)), key=lambda i: ratios[i])[(len(rounds) - 1) // 2]
+    middle = common.median_index(ratios)
     ref_seconds = rounds[middle]["reference"]["seconds"]
     rows: list[list[Any]] = []
     for number, measured in enumerate(rounds, 1):

@@ -210,7 +210,7 @@ def run(report: Report, args: argparse.Namespace) -> None:
 
     # The round whose ratio is the median stands for the run; every round is shown.
     ratios = [r["app"].result.rps / max(r["reference"].result.rps, 1e-9) for r in rounds]
-    middle = rounds[sorted(range(len(rounds)), key=lambda n: ratios[n])[(len(rounds) - 1) // 2]]
+    middle = rounds[common.median_index(ratios)]
     app_result, counts, peak_rss, _ = middle["app"]
     ref_result, ref_counts, _, _ = middle["reference"]
     ratio = app_result.rps / empty_result.rps if empty_result.rps else float("nan")

@@ -110,6 +110,13 @@ def test_percentile_interpolates_between_ranks() -> None:
     assert common.percentile(list(range(101)), 95) == 95
 
 
+def test_the_median_round_is_the_lower_middle_one() -> None:
+    common = bench_common()
+    assert common.median_index([0.9, 0.7, 0.8]) == 2
+    assert common.median_index([0.9, 0.7, 0.8, 1.0]) == 2
+    assert common.median_index([0.5]) == 0
+
+
 def test_generated_media_is_the_same_bytes_in_any_chunking() -> None:
     common = bench_common()
     whole = b"".join(common.media_chunks("seed", 3 * 1024 * 1024 + 5))
