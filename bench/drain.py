@@ -238,15 +238,13 @@ def run(report: Report, args: argparse.Namespace) -> None:
         startup = {"reference": drain.reference("empty", 0), "worker": drain.workers("empty", 1, 0)}
         # Rounds of the reference and one worker process, alternating which goes first.
         rounds: list[dict[str, dict[str, Any]]] = []
+        sides = {
+            "reference": lambda label: drain.reference(label, n),
+            "worker": lambda label: drain.workers(label, 1, n),
+        }
         for number in range(1, args.rounds + 1):
-            measured: dict[str, dict[str, Any]] = {}
             order = ["reference", "worker"] if number % 2 else ["worker", "reference"]
-            for side in order:
-                if side == "reference":
-                    measured[side] = drain.reference(f"r{number}", n)
-                else:
-                    measured[side] = drain.workers(f"r{number}", 1, n)
-            rounds.append(measured)
+            rounds.append({side: sides[side](f"r{number}") for side in order})
         # How the drain scales with more worker processes (1 is the rounds' own).
         scaling = {p: drain.workers(f"x{p}", p, n) for p in counts if p != 1}
 
