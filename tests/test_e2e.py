@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
 import os
 import sys
 import time
@@ -214,6 +215,26 @@ def test_procfile_processes_archive_a_conference_recording_end_to_end(
         callback = plivo.send_callback(socket_callback, params, sign_url=public_callback)
         assert callback.status_code == 200, callback.text
         assert callback.json() == {"status": "accepted", "recording_id": recording_id}
+        # The web process wrote the callback's request line, as JSON, under the id it answered.
+        (web,) = [p for p in deployment.processes if p.name.startswith("web")]
+        request_id = callback.headers["X-Request-ID"]
+        (line,) = [
+            json.loads(text)
+            for text in web.output().splitlines()
+            if text.startswith("{") and request_id in text
+        ]
+        assert {key: line[key] for key in ("level", "logger", "msg", "method", "path")} == {
+            "level": "info",
+            "logger": "webhook.request",
+            "msg": "request",
+            "method": "POST",
+            "path": "/plivo/recording",
+        }
+        assert (line["status"], line["recording_id"], line["callback"]) == (
+            200,
+            recording_id,
+            "recording",
+        )
 
         archived = wait_for_archive(base, recording_id, compliance)
         assert archived["conference_name"] == CONFERENCE
