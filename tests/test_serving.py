@@ -393,7 +393,9 @@ def test_each_web_process_listens_on_its_own_socket_and_connections_are_spread_o
             thread.join(timeout=60)
     assert answers == [200] * 640
     assert sum(held.values()) == 32, held
-    # Spread at random: one process holds fewer than 4 of 32 once in 400 000 runs.
+    # Spread at random: one process holds fewer than 4 of 32 once in 400 000 runs. (A shared
+    # socket passes this often enough; the check on the listening sockets above is the one that
+    # fails without `--reuse-port`.)
     assert len(held) == 2 and min(held.values()) >= 4, held
 
 
@@ -413,9 +415,12 @@ def sockets_by_process(master: int, port: int, state: str = ESTABLISHED) -> dict
     children = Path(f"/proc/{master}/task/{master}/children").read_text().split()
     held = {}
     for pid in map(int, children):
-        with suppress(FileNotFoundError):
-            links = [fd.readlink().name for fd in Path(f"/proc/{pid}/fd").iterdir()]
-            found = {link[len("socket:[") : -1] for link in links if link.startswith("socket:[")}
-            if found & inodes:
-                held[pid] = found & inodes
+        links = []
+        with suppress(FileNotFoundError):  # the process is gone
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                with suppress(FileNotFoundError):  # the descriptor was closed meanwhile
+                    links.append(fd.readlink().name)
+        found = {link[len("socket:[") : -1] for link in links if link.startswith("socket:[")}
+        if found & inodes:
+            held[pid] = found & inodes
     return held

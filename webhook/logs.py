@@ -79,7 +79,8 @@ def info_line_writer(logger: logging.Logger) -> LineWriter | None:
     """A function that writes an INFO line of `logger` straight to the JSON handler's stream, or
     None when `logger` may send its records anywhere else (a handler, a filter, or a logger
     without the JSON handler on the way). Decided when it is called: a handler added later is not
-    written to.
+    written to, and neither a record factory nor anything patched into logging's dispatch sees
+    the line.
 
     The line is the one JSONFormatter writes for `logger.info(msg, extra=fields)`, made without
     a LogRecord, its formatting or logging's dispatch, at half the cost (the request line is
@@ -98,7 +99,11 @@ def info_line_writer(logger: logging.Logger) -> LineWriter | None:
         if not current.propagate:
             break
         current = current.parent
-    if not isinstance(handler, logging.StreamHandler) or handler.filters:
+    # The exact classes: a subclass (a file that rotates or reopens, a formatter of its own)
+    # does more than write the line.
+    if type(handler) is not logging.StreamHandler or handler.filters:
+        return None
+    if type(handler.formatter) is not JSONFormatter:
         return None
     stream_handler: logging.StreamHandler[Any] = handler
     formatter = cast("JSONFormatter", stream_handler.formatter)
@@ -109,21 +114,21 @@ def info_line_writer(logger: logging.Logger) -> LineWriter | None:
         if not enabled(logging.INFO) or stream_handler.level > logging.INFO:
             return
         now = time.time()
-        line = _ENCODER.encode(
-            {
-                "ts": formatter.timestamp(now, (now - int(now)) * 1000),
-                "level": "info",
-                "logger": name,
-                "msg": msg,
-                **fields,
-            }
-        )
         stream_handler.acquire()
         try:
+            line = _ENCODER.encode(
+                {
+                    "ts": formatter.timestamp(now, (now - int(now)) * 1000),
+                    "level": "info",
+                    "logger": name,
+                    "msg": msg,
+                    **fields,
+                }
+            )
             stream = stream_handler.stream
             stream.write(line + stream_handler.terminator)
             stream.flush()
-        except (OSError, ValueError):  # as StreamHandler.emit: the line is lost, not the request
+        except Exception:  # noqa: BLE001 - as StreamHandler.emit: the line is lost, not the request
             stream_handler.handleError(logging.makeLogRecord({"msg": msg}))
         finally:
             stream_handler.release()
