@@ -8,7 +8,7 @@ import random
 import sys
 import time
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 from flask import Flask, Response, g, request
 
@@ -87,26 +87,25 @@ def info_line_writer(logger: logging.Logger) -> LineWriter | None:
     written on every request). Like a record, it is written only while `logger` is enabled for
     INFO.
     """
-    handler: logging.Handler | None = None
+    handlers: list[logging.Handler] = []
     current: logging.Logger | None = logger
     while current is not None:
         if current.filters or current.disabled:
             return None
-        for found in current.handlers:
-            if handler is not None or not isinstance(found.formatter, JSONFormatter):
-                return None
-            handler = found
+        handlers += current.handlers
         if not current.propagate:
             break
         current = current.parent
+    if len(handlers) != 1:
+        return None
+    (stream_handler,) = handlers
+    formatter = stream_handler.formatter
     # The exact classes: a subclass (a file that rotates or reopens, a formatter of its own)
     # does more than write the line.
-    if type(handler) is not logging.StreamHandler or handler.filters:
+    if type(stream_handler) is not logging.StreamHandler or stream_handler.filters:
         return None
-    if type(handler.formatter) is not JSONFormatter:
+    if type(formatter) is not JSONFormatter:
         return None
-    stream_handler: logging.StreamHandler[Any] = handler
-    formatter = cast("JSONFormatter", stream_handler.formatter)
     name = logger.name
     enabled = logger.isEnabledFor
 
