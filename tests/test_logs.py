@@ -60,70 +60,56 @@ def lines(stream: io.StringIO) -> list[dict[str, object]]:
 
 def test_the_written_line_is_the_line_logging_writes() -> None:
     with logger_tree() as (logger, _handler, stream):
-        check_written_line(logger, stream)
-
-
-def check_written_line(logger: logging.Logger, stream: io.StringIO) -> None:
-    write = info_line_writer(logger)
-    assert write is not None
-    before = time.time()
-    write("request", dict(FIELDS))
-    logger.info("request", extra=dict(FIELDS))
-    written, logged = lines(stream)
-    assert list(written) == list(logged)  # the same keys, in the same order
-    assert {**written, "ts": None} == {**logged, "ts": None}
-    assert written["logger"] == logger.name and written["level"] == "info"
-    stamp = str(written["ts"])
-    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", stamp)
-    seconds = calendar.timegm(time.strptime(stamp[:19], "%Y-%m-%dT%H:%M:%S"))
-    assert before - 1 <= seconds + int(stamp[20:23]) / 1000 <= time.time()
+        write = info_line_writer(logger)
+        assert write is not None
+        before = time.time()
+        write("request", dict(FIELDS))
+        logger.info("request", extra=dict(FIELDS))
+        written, logged = lines(stream)
+        assert list(written) == list(logged)  # the same keys, in the same order
+        assert {**written, "ts": None} == {**logged, "ts": None}
+        assert written["logger"] == logger.name and written["level"] == "info"
+        stamp = str(written["ts"])
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", stamp)
+        seconds = calendar.timegm(time.strptime(stamp[:19], "%Y-%m-%dT%H:%M:%S"))
+        assert before - 1 <= seconds + int(stamp[20:23]) / 1000 <= time.time()
 
 
 def test_nothing_is_written_below_the_loggers_level() -> None:
     with logger_tree() as (logger, handler, stream):
-        check_levels(logger, handler, stream)
-
-
-def check_levels(
-    logger: logging.Logger, handler: logging.StreamHandler[io.StringIO], stream: io.StringIO
-) -> None:
-    write = info_line_writer(logger)
-    assert write is not None
-    logger.parent.setLevel(logging.WARNING)  # type: ignore[union-attr]
-    write("request", dict(FIELDS))
-    logger.parent.setLevel(logging.INFO)  # type: ignore[union-attr]
-    handler.setLevel(logging.ERROR)
-    write("request", dict(FIELDS))
-    handler.setLevel(logging.NOTSET)
-    write("request", {"path": "/written"})
-    assert [line["path"] for line in lines(stream)] == ["/written"]
+        write = info_line_writer(logger)
+        assert write is not None
+        logger.parent.setLevel(logging.WARNING)  # type: ignore[union-attr]
+        write("request", dict(FIELDS))
+        logger.parent.setLevel(logging.INFO)  # type: ignore[union-attr]
+        handler.setLevel(logging.ERROR)
+        write("request", dict(FIELDS))
+        handler.setLevel(logging.NOTSET)
+        write("request", {"path": "/written"})
+        assert [line["path"] for line in lines(stream)] == ["/written"]
 
 
 def test_records_that_may_go_elsewhere_keep_going_through_logging() -> None:
     with logger_tree() as (logger, handler, _stream):
-        check_elsewhere(logger, handler)
-
-
-def check_elsewhere(logger: logging.Logger, handler: logging.StreamHandler[io.StringIO]) -> None:
-    root = logger.parent
-    assert root is not None
-    other = logging.StreamHandler(io.StringIO())
-    other.setFormatter(JSONFormatter())
-    for add, remove in (
-        (lambda: logger.addHandler(other), lambda: logger.removeHandler(other)),
-        (lambda: root.addHandler(other), lambda: root.removeHandler(other)),
-        (lambda: logger.addFilter(len), lambda: logger.removeFilter(len)),
-        (lambda: handler.addFilter(len), lambda: handler.removeFilter(len)),
-    ):
-        add()
-        try:
+        root = logger.parent
+        assert root is not None
+        other = logging.StreamHandler(io.StringIO())
+        other.setFormatter(JSONFormatter())
+        for add, remove in (
+            (lambda: logger.addHandler(other), lambda: logger.removeHandler(other)),
+            (lambda: root.addHandler(other), lambda: root.removeHandler(other)),
+            (lambda: logger.addFilter(len), lambda: logger.removeFilter(len)),
+            (lambda: handler.addFilter(len), lambda: handler.removeFilter(len)),
+        ):
+            add()
+            try:
+                assert info_line_writer(logger) is None
+            finally:
+                remove()
+        # A formatter of another kind, or of JSONFormatter's kind that formats its own way.
+        for formatter in (logging.Formatter(), type("Own", (JSONFormatter,), {})()):
+            handler.setFormatter(formatter)
             assert info_line_writer(logger) is None
-        finally:
-            remove()
-    # A formatter of another kind, or of JSONFormatter's kind that formats its own way.
-    for formatter in (logging.Formatter(), type("Own", (JSONFormatter,), {})()):
-        handler.setFormatter(formatter)
-        assert info_line_writer(logger) is None
 
 
 def test_a_line_that_cannot_be_written_is_lost_not_the_request(
