@@ -40,6 +40,19 @@ SERVICE_ENV_NAMES = {
 }
 
 
+def socket_inodes(pid: int) -> set[str]:
+    """The inodes of the sockets process `pid` holds, as /proc/net/tcp names them (Linux); none
+    when the process is gone or not ours."""
+    inodes = set()
+    with suppress(OSError):
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with suppress(OSError):  # closed meanwhile
+                link = os.readlink(fd)
+                if link.startswith("socket:["):
+                    inodes.add(link[len("socket:[") : -1])
+    return inodes
+
+
 def read_procfile(path: Path) -> dict[str, str]:
     """The process types of a Procfile and their commands."""
     commands: dict[str, str] = {}

@@ -47,7 +47,7 @@ from tests.conftest import (
     post_callback,
 )
 from tests.fakeplivo import NONCE_HEADER, FakePlivo
-from tests.processes import Deployment, Process, process_env, read_procfile
+from tests.processes import Deployment, Process, process_env, read_procfile, socket_inodes
 from webhook import services
 from webhook.archive.storage import PART_SIZE, HashingReader, Interrupted
 from webhook.archive.worker import Worker
@@ -351,18 +351,10 @@ def process_group_of(peer_port: int, server_port: int) -> int | None:
             break
     if inode is None:
         return None
-    target = f"socket:[{inode}]"
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fds = list((entry / "fd").iterdir())
-        except OSError:
-            continue  # gone, or not ours
-        for fd in fds:
+        if entry.name.isdigit() and inode in socket_inodes(int(entry.name)):
             with suppress(OSError):
-                if os.readlink(fd) == target:
-                    return os.getpgid(int(entry.name))
+                return os.getpgid(int(entry.name))
     return None
 
 

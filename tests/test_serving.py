@@ -26,7 +26,14 @@ from sqlalchemy import insert
 
 from tests.conftest import CALLBACK_URL, PUBLIC_URL, free_port
 from tests.fakeplivo import FakePlivo
-from tests.processes import Deployment, Process, process_env, read_procfile, run_all
+from tests.processes import (
+    Deployment,
+    Process,
+    process_env,
+    read_procfile,
+    run_all,
+    socket_inodes,
+)
 from webhook.db import make_engine
 from webhook.models import Recording
 
@@ -415,12 +422,7 @@ def sockets_by_process(master: int, port: int, state: str = ESTABLISHED) -> dict
     children = Path(f"/proc/{master}/task/{master}/children").read_text().split()
     held = {}
     for pid in map(int, children):
-        links = []
-        with suppress(FileNotFoundError):  # the process is gone
-            for fd in Path(f"/proc/{pid}/fd").iterdir():
-                with suppress(FileNotFoundError):  # the descriptor was closed meanwhile
-                    links.append(fd.readlink().name)
-        found = {link[len("socket:[") : -1] for link in links if link.startswith("socket:[")}
-        if found & inodes:
-            held[pid] = found & inodes
+        found = socket_inodes(pid) & inodes
+        if found:
+            held[pid] = found
     return held
