@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import inspect
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -74,3 +76,25 @@ def test_each_request_has_the_body_limits_of_the_config(app: Flask) -> None:
         assert req.max_content_length == limits[0]
     with app.test_request_context("/plivo/recording", method="POST"):
         assert request.max_content_length == limits[0]
+
+
+def test_the_package_gives_the_apps_names_without_importing_flask_for_its_other_parts() -> None:
+    """`from webhook import create_app` works (gunicorn's `webhook:create_app()` too), but a part
+    of the package that does not need Flask, such as the signature check, does not import it."""
+    code = (
+        "import sys, webhook.signature; light = 'flask' not in sys.modules; "
+        "from webhook import create_app, Services; import webhook; "
+        "print(light, create_app.__module__, Services.__module__, webhook.create_app is create_app)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.split() == ["True", "webhook.app", "webhook.app", "True"]
+    missing = subprocess.run(
+        [sys.executable, "-c", "import webhook; webhook.create_ap"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert "module 'webhook' has no attribute 'create_ap'" in missing.stderr

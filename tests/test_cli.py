@@ -719,3 +719,44 @@ def test_version_prints_the_package_version() -> None:
     result = run_webhook("--version")
     assert result.returncode == 0
     assert result.stdout.strip() == f"webhook {version('webhook')}"
+
+
+GC_PROBE = """
+import gc, json, sys
+starts = []
+gc.callbacks.append(lambda phase, info: phase == "start" and starts.append(info["generation"]))
+if sys.argv[1] == "command":
+    import webhook
+    sys.argv = ["webhook", "--help"]
+    try:
+        webhook.main()
+    except SystemExit:
+        pass
+else:
+    import webhook.cli
+state = {"collections": len(starts), "frozen": gc.get_freeze_count(), "on": gc.isenabled()}
+print(json.dumps(state), file=sys.stderr)
+"""
+
+
+def test_the_command_imports_its_modules_with_the_collector_off_then_freezes_them() -> None:
+    """`webhook` (`webhook.main`) imports the service without a garbage collection and keeps what
+    it imported out of later ones; the same import as a library collects time and again."""
+    import json
+
+    def probe(how: str) -> dict[str, Any]:
+        done = subprocess.run(
+            [sys.executable, "-c", GC_PROBE, how],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        state: dict[str, Any] = json.loads(done.stderr.strip().splitlines()[-1])
+        return state
+
+    command, library = probe("command"), probe("library")
+    assert library["collections"] > 100 and library["frozen"] == 0
+    # The few collections left are `--help`'s own, after the collector is back on.
+    assert command["collections"] * 10 < library["collections"]
+    assert command["frozen"] > 50_000 and command["on"] is True

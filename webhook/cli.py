@@ -124,10 +124,10 @@ def worker(once: bool) -> None:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    # What start-up built (modules, the ORM's mappings, the S3 client's service model) lives as
-    # long as the process: kept out of every later garbage collection, including the ones at
-    # exit (about a quarter of a second of a `--once` run's start and end). Not for an app under
-    # test, whose process is the test runner's.
+    # What start-up built since the imports (`webhook.main` froze those: the app, the S3
+    # client's service model) lives as long as the process too: kept out of every later garbage
+    # collection, including the ones at exit. Not for an app under test, whose process is the
+    # test runner's.
     if not current_app.testing:
         gc.freeze()
     done = Worker(svc, stop).run(once=once)
