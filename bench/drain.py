@@ -4,7 +4,7 @@ the least loop that keeps the custody contract, streaming each recording from th
 server into S3 with a SHA-256 checksum through one shared boto3 client and confirming it with
 HEAD (`REFERENCE_LOOP` below, its own process).
 
-    .venv/bin/python bench/drain.py [--recordings 200] [--kib 512] [--workers 1,2,4] [--rounds 3]
+    .venv/bin/python bench/drain.py [--recordings 200] [--kib 512] [--workers 1,2,4] [--rounds 5]
 
 Each run gets its own freshly queued recordings (the same bytes, new ids) and is timed from the
 start of the processes to the end of the last one, interpreter start-up included for both, so the
@@ -78,7 +78,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--rounds",
         type=int,
-        default=3,
+        default=5,
         help="reference and one-worker runs, alternating first (an even count takes the lower "
         "of the two middle rounds)",
     )
