@@ -777,6 +777,53 @@ def test_worker_that_lost_its_lease_mid_download_leaves_the_job_alone(make_app, 
     assert archive_files(app) == []
 
 
+def _wait_for(condition: Callable[[], bool], seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_one_lease_keeper_thread_keeps_job_after_job_then_ends(make_app, plivo) -> None:
+    app = make_app(ARCHIVE_LEASE_SECONDS="5")  # extended every 5/3 s
+    for recording_id in ("rec-keep-1", "rec-keep-2"):
+        queue(app, plivo, recording_id, MP3_TAG + b"audio")
+    worker = Worker(services(app))
+
+    def keepers() -> set[threading.Thread]:
+        return {t for t in threading.enumerate() if t.name == "lease-keeper"}
+
+    earlier = keepers()  # other tests' keepers, ending on their own
+    first = worker.claim()
+    assert first is not None
+    first_lease = worker.leases.keep(first)
+    ours = keepers() - earlier
+    assert len(ours) == 1
+    # Another worker takes the first job over: its lease is lost, and only its.
+    set_row(app, first.recording_id, lease_token="another-worker-lease")
+    assert _wait_for(lambda: first_lease.lost, 4)
+    worker.leases.release(first_lease)
+
+    second = worker.claim()
+    assert second is not None
+    claimed_until = row(app, second.recording_id).next_attempt_at
+    second_lease = worker.leases.keep(second)
+    assert keepers() - earlier == ours  # the same thread keeps the next job's lease
+    assert _wait_for(lambda: row(app, second.recording_id).next_attempt_at != claimed_until, 4)
+    assert not second_lease.lost
+    assert row(app, first.recording_id).lease_token == "another-worker-lease"
+    worker.leases.release(second_lease)
+
+    (thread,) = ours
+    thread.join(timeout=4)  # idle for KEEPER_IDLE_SECONDS, it ends
+    assert not thread.is_alive()
+    third_lease = worker.leases.keep(second)  # and the next job starts another
+    assert len(keepers() - earlier - ours) == 1
+    worker.leases.release(third_lease)
+
+
 class StopAfter(threading.Event):
     """A stop event that gets set on its `calls`-th check (a SIGTERM arriving mid-stream)."""
 
