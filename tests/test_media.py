@@ -11,6 +11,7 @@ from __future__ import annotations
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -41,6 +42,7 @@ from webhook.archive.media import (
     media_limits,
     open_media,
 )
+from webhook.archive.storage import Interrupted
 from webhook.archive.worker import Worker
 from webhook.config import Settings
 from webhook.db import transaction
@@ -520,3 +522,71 @@ def test_downloads_reuse_a_kept_alive_connection_to_the_approved_address_until_i
         server.shutdown()
         server.server_close()
         thread.join()
+
+
+def test_one_watchdog_thread_watches_every_download_under_way_then_ends(
+    database_url: str, tmp_path: Path, plivo: FakePlivo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Downloads under way at once share the process's one watchdog thread: it cuts the one told
+    to stop, even in the middle of a blocked read, leaves the other alone, and ends once no
+    download is under way."""
+    release = threading.Event()
+
+    class Stalling(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "audio/mpeg")
+            self.send_header("Content-Length", str(2 * len(BODY)))
+            self.end_headers()
+            self.wfile.write(BODY)
+            self.wfile.flush()
+            release.wait(10)  # the second half comes only when the test says so
+            self.wfile.write(BODY)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            """Quiet."""
+
+    def watchdogs() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name == "media-watchdog"]
+
+    def read_all(download: media.Download) -> bytes:
+        data = b""
+        while chunk := download.read(65536):
+            data += chunk
+        return data
+
+    monkeypatch.setattr(media, "WATCHDOG_IDLE_SECONDS", 0.3)
+    for earlier in watchdogs():  # an earlier test's, idle: it ends on its own
+        earlier.join(timeout=3)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Stalling)
+    serving = threading.Thread(target=server.serve_forever, daemon=True)
+    serving.start()
+    try:
+        settings = make_settings(
+            database_url, f"file://{tmp_path}/archive", plivo, RECORDING_HOSTS="127.0.0.1"
+        )
+        url = f"http://127.0.0.1:{server.server_address[1]}/recording.mp3"
+        limits = media_limits("mp3", 1000, settings)
+        stop = threading.Event()
+        with (
+            open_media(url, settings, limits, stop.is_set) as stopped,
+            open_media(url, settings, limits) as going,
+        ):
+            ours = watchdogs()
+            assert len(ours) == 1
+            stop.set()
+            cut_after = time.monotonic()
+            with pytest.raises(Interrupted):
+                read_all(stopped)  # blocks after the first half until the watchdog cuts it
+            assert time.monotonic() - cut_after < 2
+            release.set()
+            assert read_all(going) == 2 * BODY
+        ours[0].join(timeout=3)
+        assert not ours[0].is_alive() and watchdogs() == []
+    finally:
+        release.set()
+        server.shutdown()
+        server.server_close()
+        serving.join()
