@@ -8,6 +8,8 @@ which address, TLS or not, the SNI name, the Host header, whether Plivo's creden
 
 from __future__ import annotations
 
+import contextlib
+import os
 import socket
 import ssl
 import threading
@@ -252,6 +254,32 @@ def fetch(settings: Settings, url: str) -> tuple[list[Target], Exception | None]
     except (RefusedURL, RefusedMedia, MediaError) as exc:
         return approved, exc
     return approved, None
+
+
+def read_all(download: media.Download) -> bytes:
+    data = b""
+    while chunk := download.read(65536):
+        data += chunk
+    return data
+
+
+@contextlib.contextmanager
+def local_media_host(
+    handler: type[BaseHTTPRequestHandler], database_url: str, tmp_path: Path, plivo: FakePlivo
+) -> Iterator[tuple[Settings, str]]:
+    """A media host on loopback answering with `handler`: settings allowing it, and a URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    serving = threading.Thread(target=server.serve_forever, daemon=True)
+    serving.start()
+    try:
+        settings = make_settings(
+            database_url, f"file://{tmp_path}/archive", plivo, RECORDING_HOSTS="127.0.0.1"
+        )
+        yield settings, f"http://127.0.0.1:{server.server_address[1]}/recording.mp3"
+    finally:
+        server.shutdown()
+        server.server_close()
+        serving.join()
 
 
 def resolved(host: str) -> str:
@@ -502,14 +530,7 @@ def test_downloads_reuse_a_kept_alive_connection_to_the_approved_address_until_i
         def log_message(self, format: str, *args: Any) -> None:
             """Quiet."""
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), KeepAlive)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        settings = make_settings(
-            database_url, f"file://{tmp_path}/archive", plivo, RECORDING_HOSTS="127.0.0.1"
-        )
-        url = f"http://127.0.0.1:{server.server_address[1]}/recording.mp3"
+    with local_media_host(KeepAlive, database_url, tmp_path, plivo) as (settings, url):
         for _ in range(3):
             approved, error = fetch(settings, url)
             assert error is None and len(approved) == 1  # each download checked, as always
@@ -518,10 +539,6 @@ def test_downloads_reuse_a_kept_alive_connection_to_the_approved_address_until_i
         monkeypatch.setattr(media, "MEDIA_IDLE_SECONDS", 0.0)
         assert fetch(settings, url)[1] is None
         assert len(connections) == 2
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
 
 
 def test_one_watchdog_thread_watches_every_download_under_way_then_ends(
@@ -551,23 +568,10 @@ def test_one_watchdog_thread_watches_every_download_under_way_then_ends(
     def watchdogs() -> list[threading.Thread]:
         return [t for t in threading.enumerate() if t.name == "media-watchdog"]
 
-    def read_all(download: media.Download) -> bytes:
-        data = b""
-        while chunk := download.read(65536):
-            data += chunk
-        return data
-
     monkeypatch.setattr(media, "WATCHDOG_IDLE_SECONDS", 0.3)
     for earlier in watchdogs():  # an earlier test's, idle: it ends on its own
         earlier.join(timeout=3)
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Stalling)
-    serving = threading.Thread(target=server.serve_forever, daemon=True)
-    serving.start()
-    try:
-        settings = make_settings(
-            database_url, f"file://{tmp_path}/archive", plivo, RECORDING_HOSTS="127.0.0.1"
-        )
-        url = f"http://127.0.0.1:{server.server_address[1]}/recording.mp3"
+    with local_media_host(Stalling, database_url, tmp_path, plivo) as (settings, url):
         limits = media_limits("mp3", 1000, settings)
         stop = threading.Event()
         with (
@@ -585,8 +589,59 @@ def test_one_watchdog_thread_watches_every_download_under_way_then_ends(
             assert read_all(going) == 2 * BODY
         ours[0].join(timeout=3)
         assert not ours[0].is_alive() and watchdogs() == []
+
+
+class QuickAudio(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        send_audio(self)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Quiet."""
+
+
+def test_a_watchdog_that_could_not_start_is_started_by_the_next_download(
+    database_url: str, tmp_path: Path, plivo: FakePlivo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(media, "WATCHDOG_IDLE_SECONDS", 0.3)
+    for earlier in [t for t in threading.enumerate() if t.name == "media-watchdog"]:
+        earlier.join(timeout=3)
+    start = threading.Thread.start
+
+    def refuse(thread: threading.Thread) -> None:
+        if thread.name == "media-watchdog":
+            raise RuntimeError("can't start new thread")
+        start(thread)
+
+    with local_media_host(QuickAudio, database_url, tmp_path, plivo) as (settings, url):
+        limits = media_limits("mp3", 1000, settings)
+        monkeypatch.setattr(threading.Thread, "start", refuse)
+        with pytest.raises(RuntimeError):
+            open_media(url, settings, limits)
+        monkeypatch.setattr(threading.Thread, "start", start)
+        with open_media(url, settings, limits) as download:
+            watching = [t for t in threading.enumerate() if t.name == "media-watchdog"]
+            assert len(watching) == 1
+            assert read_all(download) == BODY
+
+
+def test_a_forked_child_starts_with_no_watchdog_of_its_parents() -> None:
+    class Watched:
+        def check(self) -> bool:
+            return False
+
+    watched = Watched()
+    media._WATCHDOG.watch(watched)  # type: ignore[arg-type]
+    try:
+        child = os.fork()
+        if child == 0:
+            try:
+                state = media._WATCHDOG
+                clean = not state._running and not state._downloads and not state._lock.locked()
+            finally:
+                os._exit(0 if clean else 1)
+        _, status = os.waitpid(child, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
     finally:
-        release.set()
-        server.shutdown()
-        server.server_close()
-        serving.join()
+        media._WATCHDOG.forget(watched)  # type: ignore[arg-type]

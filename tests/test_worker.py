@@ -824,6 +824,19 @@ def test_one_lease_keeper_thread_keeps_job_after_job_then_ends(make_app, plivo) 
     worker.leases.release(third_lease)
 
 
+def test_the_lease_keeper_goes_idle_on_release_not_when_the_lease_falls_due(app, plivo) -> None:
+    queue(app, plivo, "rec-idle", MP3_TAG + b"audio")  # the default lease: extended every 200 s
+    worker = Worker(services(app))
+    earlier = {t for t in threading.enumerate() if t.name == "lease-keeper"}
+    job = worker.claim()
+    assert job is not None
+    lease = worker.leases.keep(job)
+    (thread,) = {t for t in threading.enumerate() if t.name == "lease-keeper"} - earlier
+    worker.leases.release(lease)
+    thread.join(timeout=3)  # KEEPER_IDLE_SECONDS after the release
+    assert not thread.is_alive()
+
+
 class StopAfter(threading.Event):
     """A stop event that gets set on its `calls`-th check (a SIGTERM arriving mid-stream)."""
 

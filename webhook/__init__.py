@@ -9,19 +9,18 @@ from __future__ import annotations
 import gc
 from typing import TYPE_CHECKING, Any
 
+__all__ = ["App", "Services", "create_app", "main", "services"]
+
 if TYPE_CHECKING:
     from webhook.app import App, Services, create_app, services
+else:
 
-__all__ = ["App", "Services", "create_app", "main", "services"]
-_FROM_APP = frozenset({"App", "Services", "create_app", "services"})
+    def __getattr__(name: str) -> Any:
+        if name in __all__ and name != "main":
+            from webhook import app
 
-
-def __getattr__(name: str) -> Any:
-    if name in _FROM_APP:
-        from webhook import app
-
-        return getattr(app, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+            return getattr(app, name)
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def main() -> None:

@@ -17,6 +17,7 @@ import contextlib
 import ipaddress
 import logging
 import math
+import os
 import re
 import socket
 import threading
@@ -481,6 +482,10 @@ class _Watchdog:
     (`Thread.start` waits for the new thread to run)."""
 
     def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Nothing watched and no thread; also in a forked child, whatever its parent had."""
         self._lock = threading.Lock()
         self._downloads: set[Download] = set()
         self._running = False
@@ -488,15 +493,28 @@ class _Watchdog:
     def watch(self, download: Download) -> None:
         with self._lock:
             self._downloads.add(download)
-            if not self._running:
-                self._running = True
+            if self._running:
+                return
+            try:
                 threading.Thread(target=self._run, name="media-watchdog", daemon=True).start()
+            except BaseException:
+                self._downloads.discard(download)
+                raise
+            self._running = True  # under the lock the thread takes before it looks
 
     def forget(self, download: Download) -> None:
         with self._lock:
             self._downloads.discard(download)
 
     def _run(self) -> None:
+        try:
+            self._watch()
+        except BaseException:
+            with self._lock:  # the next `watch` starts another
+                self._running = False
+            raise
+
+    def _watch(self) -> None:
         idle_since = time.monotonic()
         while True:
             time.sleep(WATCH_SECONDS)
@@ -519,6 +537,7 @@ class _Watchdog:
 
 
 _WATCHDOG = _Watchdog()
+os.register_at_fork(after_in_child=_WATCHDOG.reset)
 
 
 def open_media(

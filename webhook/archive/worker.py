@@ -204,8 +204,12 @@ class LeaseKeeper:
             if self._running:
                 self._changed.notify()
             else:
-                self._running = True
-                threading.Thread(target=self._run, name="lease-keeper", daemon=True).start()
+                try:
+                    threading.Thread(target=self._run, name="lease-keeper", daemon=True).start()
+                except BaseException:
+                    self._current = None
+                    raise
+                self._running = True  # under the lock the thread takes before it looks
         return lease
 
     def release(self, lease: Lease) -> None:
@@ -213,10 +217,16 @@ class LeaseKeeper:
         with self._changed:
             if self._current is lease:
                 self._current = None
+                self._changed.notify()  # the thread goes idle now, not when the lease falls due
 
     def _run(self) -> None:
-        while (lease := self._next_due()) is not None:
-            self._extend(lease)
+        try:
+            while (lease := self._next_due()) is not None:
+                self._extend(lease)
+        except BaseException:
+            with self._changed:  # the next `keep` starts another
+                self._running = False
+            raise
 
     def _next_due(self) -> Lease | None:
         """The lease to extend, once it is due; None once no job has come for a while (the
