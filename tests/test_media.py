@@ -636,9 +636,11 @@ def test_a_forked_child_starts_with_no_watchdog_of_its_parents() -> None:
     try:
         child = os.fork()
         if child == 0:
+            clean = False
             try:
                 state = media._WATCHDOG
-                clean = not state._running and not state._downloads and not state._lock.locked()
+                free = state._lock.acquire(blocking=False)
+                clean = free and not state._running and not state._downloads
             finally:
                 os._exit(0 if clean else 1)
         _, status = os.waitpid(child, 0)

@@ -35,6 +35,7 @@ from requests.adapters import HTTPAdapter
 from requests.auth import HTTPBasicAuth
 from urllib3.util import parse_url
 
+from webhook.archive.background import OnDemandThread
 from webhook.archive.storage import Interrupted
 from webhook.config import PLIVO_MEDIA_HOSTS, Settings
 from webhook.testcall import is_test_audio_url
@@ -473,48 +474,33 @@ class Download:
         return self._read_raw(size)
 
 
-class _Watchdog:
+class _Watchdog(OnDemandThread):
     """Every WATCH_SECONDS, one thread looks at each download of the process under way and cuts
-    the one that must end (`Download.check`), even while its read is blocked.
-
-    The thread ends once no download has been under way for WATCHDOG_IDLE_SECONDS, and the next
-    download starts another: a thread started for each download cost about 0.2 ms of it
-    (`Thread.start` waits for the new thread to run)."""
+    the one that must end (`Download.check`), even while its read is blocked; it ends once no
+    download has been under way for WATCHDOG_IDLE_SECONDS."""
 
     def __init__(self) -> None:
         self.reset()
 
     def reset(self) -> None:
         """Nothing watched and no thread; also in a forked child, whatever its parent had."""
-        self._lock = threading.Lock()
+        super().__init__("media-watchdog")
         self._downloads: set[Download] = set()
-        self._running = False
 
     def watch(self, download: Download) -> None:
         with self._lock:
             self._downloads.add(download)
-            if self._running:
-                return
             try:
-                threading.Thread(target=self._run, name="media-watchdog", daemon=True).start()
+                self._wake()
             except BaseException:
                 self._downloads.discard(download)
                 raise
-            self._running = True  # under the lock the thread takes before it looks
 
     def forget(self, download: Download) -> None:
         with self._lock:
             self._downloads.discard(download)
 
-    def _run(self) -> None:
-        try:
-            self._watch()
-        except BaseException:
-            with self._lock:  # the next `watch` starts another
-                self._running = False
-            raise
-
-    def _watch(self) -> None:
+    def _serve(self) -> None:
         idle_since = time.monotonic()
         while True:
             time.sleep(WATCH_SECONDS)

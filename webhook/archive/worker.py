@@ -20,6 +20,7 @@ from sqlalchemy import Connection, Table, select, update
 from sqlalchemy.exc import DBAPIError
 
 from webhook import notices, policy
+from webhook.archive.background import OnDemandThread
 from webhook.archive.deletion import DELETE_EVERY_SECONDS, delete_from_plivo
 from webhook.archive.media import MediaError, RefusedMedia, RefusedURL, media_limits, open_media
 from webhook.archive.members import DETAILS_INTERVAL_SECONDS, fill_member_details, poll_members
@@ -182,60 +183,48 @@ class Lease:
 KEEPER_IDLE_SECONDS = 1.0
 
 
-class LeaseKeeper:
+class LeaseKeeper(OnDemandThread):
     """Extends the lease of the job its worker is on, every third of ARCHIVE_LEASE_SECONDS, and
-    notices when another worker has taken that job over.
-
-    One thread does it for job after job of a backlog: a thread started for each job cost about
-    0.2 ms of it (`Thread.start` waits for the new thread to run)."""
+    notices when another worker has taken that job over. One thread does it for job after job of
+    a backlog, and ends KEEPER_IDLE_SECONDS after the last."""
 
     def __init__(self, services: Services) -> None:
+        super().__init__("lease-keeper")
         self.services = services
         self.every = services.settings.archive_lease_seconds / 3
-        self._changed = threading.Condition()
         self._current: Lease | None = None
-        self._running = False
 
     def keep(self, job: Job) -> Lease:
         """Keep the lease of `job`, just claimed, until `release`."""
         lease = Lease(job, time.monotonic())
-        with self._changed:
+        with self._lock:
             self._current = lease
-            if self._running:
-                self._changed.notify()
-            else:
-                try:
-                    threading.Thread(target=self._run, name="lease-keeper", daemon=True).start()
-                except BaseException:
-                    self._current = None
-                    raise
-                self._running = True  # under the lock the thread takes before it looks
+            try:
+                if self._wake():
+                    self._lock.notify()
+            except BaseException:
+                self._current = None
+                raise
         return lease
 
     def release(self, lease: Lease) -> None:
         """The job is over (or given up): its lease is no longer extended."""
-        with self._changed:
+        with self._lock:
             if self._current is lease:
                 self._current = None
-                self._changed.notify()  # the thread goes idle now, not when the lease falls due
+                self._lock.notify()  # the thread goes idle now, not when the lease falls due
 
-    def _run(self) -> None:
-        try:
-            while (lease := self._next_due()) is not None:
-                self._extend(lease)
-        except BaseException:
-            with self._changed:  # the next `keep` starts another
-                self._running = False
-            raise
+    def _serve(self) -> None:
+        while (lease := self._next_due()) is not None:
+            self._extend(lease)
 
     def _next_due(self) -> Lease | None:
-        """The lease to extend, once it is due; None once no job has come for a while (the
-        thread then ends, and `keep` starts another)."""
-        with self._changed:
+        """The lease to extend, once it is due; None once no job has come for a while."""
+        with self._lock:
             while True:
                 lease = self._current
                 if lease is None or lease.lost:
-                    if not self._changed.wait(KEEPER_IDLE_SECONDS) and self._current is lease:
+                    if not self._lock.wait(KEEPER_IDLE_SECONDS) and self._current is lease:
                         self._running = False  # under the lock: a `keep` now starts another
                         return None
                     continue
@@ -244,7 +233,7 @@ class LeaseKeeper:
                 if now >= due:
                     lease.extended_at = now
                     return lease
-                self._changed.wait(due - now)
+                self._lock.wait(due - now)
 
     def _extend(self, lease: Lease) -> None:
         # Outside the lock: a slow database holds up no job's `keep` or `release`.
